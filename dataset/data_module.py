@@ -1,0 +1,306 @@
+"""Reading QA files, formatting them with chat tags, tokenising with label masks, pairing and collating.
+
+A *sample* is ``{"input_ids": list[int], "labels": list[int]}``; a dataset item is a dict of named
+samples (``{"forget": ..., "retain": ...}``); the collator turns a list of items into a dict of padded
+tensors per part (``batch["forget"]["input_ids"]`` of shape ``(B, T)``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from utils.utils import ChatTemplate, UserError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "QAItem",
+    "load_qa_jsonl",
+    "load_lines",
+    "encode_qa",
+    "paired_indices",
+    "ForgetRetainDataset",
+    "ForgetRetainCollator",
+]
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """One question/answer pair and where it came from."""
+
+    question: str
+    answer: str
+    name_key: str = ""
+    line: int = 0
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _fail(path: str | os.PathLike, line: int, message: str) -> UserError:
+    return UserError(f"{path}, line {line}: {message}")
+
+
+def _parse_item(obj: object, path: str | os.PathLike, line: int) -> QAItem:
+    """Accept the conversation format or the TOFU ``question``/``answer`` format."""
+    if not isinstance(obj, dict):
+        raise _fail(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj:
+        turns = obj["conversations"]
+        if not isinstance(turns, list) or len(turns) < 2:
+            raise _fail(path, line, "field 'conversations' must be a list of at least two turns (human, gpt)")
+        for i, turn in enumerate(turns[:2]):
+            if not isinstance(turn, dict) or "value" not in turn:
+                raise _fail(path, line, f"field 'conversations[{i}]' must be an object with a 'value'")
+            if not isinstance(turn["value"], str):
+                raise _fail(path, line, f"field 'conversations[{i}].value' must be a string")
+        name_key = obj.get("name_key", "")
+        if not isinstance(name_key, str):
+            raise _fail(path, line, "field 'name_key' must be a string")
+        return QAItem(turns[0]["value"], turns[1]["value"], name_key, line)
+    if "question" in obj or "answer" in obj:
+        for key in ("question", "answer"):
+            if key not in obj:
+                raise _fail(path, line, f"missing field '{key}'")
+            if not isinstance(obj[key], str):
+                raise _fail(path, line, f"field '{key}' must be a string")
+        name_key = obj.get("name_key", obj.get("task_id", ""))
+        return QAItem(obj["question"], obj["answer"], str(name_key), line)
+    raise _fail(path, line, "missing field 'conversations' (or 'question' and 'answer')")
+
+
+def iter_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """Parse a JSONL file strictly: ``(line_number, object)`` per non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for number, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                rows.append((number, json.loads(text)))
+            except json.JSONDecodeError as err:
+                raise _fail(path, number, f"malformed JSON ({err.msg} at column {err.colno})") from None
+    return rows
+
+
+def load_qa_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> list[QAItem]:
+    """Load QA items from a JSONL file (conversation or TOFU format); errors name file, line and field."""
+    items = [_parse_item(obj, path, number) for number, obj in iter_jsonl(path)]
+    if not items and not allow_empty:
+        raise UserError(f"{path}: no items (the file is empty)")
+    return items
+
+
+def load_lines(path: str | os.PathLike) -> list[str]:
+    """Load refusal sentences, one a line (plain text, or a JSON string / ``{"text": ...}`` per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    lines = []
+    with path.open(encoding="utf-8") as fh:
+        for number, text in enumerate(fh, start=1):
+            text = text.strip()
+            if not text:
+                continue
+            if text[0] in '{"':
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError:
+                    obj = text
+                if isinstance(obj, dict):
+                    if not isinstance(obj.get("text"), str):
+                        raise _fail(path, number, "a JSON line must be a string or an object with a string 'text'")
+                    obj = obj["text"]
+                text = obj if isinstance(obj, str) else text
+            lines.append(text)
+    if not lines:
+        raise UserError(f"{path}: no refusal lines (the file is empty)")
+    return lines
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+def encode_qa(
+    tokenizer,
+    template: ChatTemplate,
+    question: str,
+    answer: str,
+    max_length: int,
+    mask: bool = True,
+) -> dict[str, list[int]] | None:
+    """Tokenise ``prompt + answer`` once and build labels; ``None`` when no answer token survives.
+
+    The text is ``template.prompt(question) + answer``, tokenised in one call (special tokens such as a
+    BOS added as the tokenizer does), truncated to ``max_length``; when room is left the tokenizer's
+    EOS is appended as the answer's last label, so the model learns to stop.
+
+    With ``mask=True`` the question's labels are ``IGNORE_INDEX``. Question tokens are counted on the
+    joined text from the tokenizer's character offsets, not by tokenising the prompt alone: a BPE merge
+    can cross the prompt/answer boundary, so a separate tokenisation of the prompt may give a different
+    count. A token that straddles the boundary holds answer characters and is therefore kept as an
+    answer label; only tokens lying wholly inside the prompt are masked.
+
+    Returns:
+        ``{"input_ids", "labels"}`` (lists of equal length), or ``None`` if truncation left no answer token.
+    """
+    prompt = template.prompt(question)
+    enc = tokenizer(prompt + answer, add_special_tokens=True, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = enc["offset_mapping"]
+    boundary = len(prompt)
+    # tokens ending at or before the boundary are prompt tokens; special tokens have (0, 0) offsets
+    n_prompt = 0
+    for i, (start, end) in enumerate(offsets):
+        if end > boundary or (start >= boundary and end > start):
+            break
+        n_prompt = i + 1
+    ids = ids[:max_length]
+    if len(ids) < max_length and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if len(ids) <= n_prompt:
+        return None
+    labels = list(ids)
+    if mask:
+        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
+    return {"input_ids": ids, "labels": labels}
+
+
+# --------------------------------------------------------------------------- pairing and datasets
+
+
+def paired_indices(idx: int, n_retain: int, n_idk: int = 0) -> tuple[int, int | None]:
+    """The retain index (and IDK line) paired with forget item ``idx``, as the original scripts chose them.
+
+    A private generator seeded with ``idx`` draws ``randint(0, n_retain)``; the retain index is
+    ``(idx + draw) % n_retain``, and the IDK line is the generator's next draw over ``n_idk`` lines.
+    The values equal ``torch.manual_seed(idx)`` followed by the same draws, without touching the global
+    RNG, so pairing is the same on every process and every run.
+    """
+    gen = torch.Generator().manual_seed(idx)
+    retain_idx = (idx + int(torch.randint(0, n_retain, (1,), generator=gen).item())) % n_retain
+    idk_idx = int(torch.randint(0, n_idk, (1,), generator=gen).item()) if n_idk else None
+    return retain_idx, idk_idx
+
+
+class ForgetRetainDataset(Dataset):
+    """Forget items, each paired with a retain item (and, given refusals, IDK variants of both).
+
+    Item ``i`` is a dict of named samples: ``forget`` (forget Q + its answer, question masked when
+    ``mask``), ``retain`` (paired retain Q + answer, question always masked) and, with ``idk_lines``,
+    ``forget_idk`` (forget Q + a refusal) and ``retain_idk`` (retain Q + the same refusal). Samples are
+    tokenised once here. Items whose answer is cut away by ``max_length`` are dropped with a warning.
+    """
+
+    def __init__(
+        self,
+        forget: Sequence[QAItem],
+        retain: Sequence[QAItem],
+        tokenizer,
+        template: ChatTemplate,
+        max_length: int,
+        mask: bool = False,
+        idk_lines: Sequence[str] | None = None,
+        names: tuple[str, str] = ("forget", "retain"),
+    ) -> None:
+        if not forget:
+            raise UserError(f"the {names[0]} set is empty")
+        if not retain:
+            raise UserError(f"the {names[1]} set is empty")
+
+        def encode_all(items: Sequence[QAItem], use_mask: bool, what: str) -> list[dict | None]:
+            encoded = [encode_qa(tokenizer, template, it.question, it.answer, max_length, use_mask) for it in items]
+            dropped = sum(e is None for e in encoded)
+            if dropped == len(encoded):
+                raise UserError(
+                    f"every {what} item is longer than --max_length {max_length} before its answer starts; "
+                    "raise --max_length"
+                )
+            if dropped:
+                logger.warning("%d of %d %s items dropped: no answer token fits in --max_length %d",
+                               dropped, len(encoded), what, max_length)
+            return encoded
+
+        forget_enc = encode_all(forget, mask, names[0])
+        retain_enc = encode_all(retain, True, names[1])
+        retain_ok = [i for i, e in enumerate(retain_enc) if e is not None]
+        n_idk = len(idk_lines) if idk_lines else 0
+        idk_cache: dict[tuple[int, int], dict | None] = {}
+
+        def idk_sample(items: Sequence[QAItem], i: int, line: int) -> dict | None:
+            key = (id(items), i, line)
+            if key not in idk_cache:
+                idk_cache[key] = encode_qa(tokenizer, template, items[i].question, idk_lines[line], max_length, True)
+            return idk_cache[key]
+
+        self.items: list[dict[str, dict[str, list[int]]]] = []
+        for idx, sample in enumerate(forget_enc):
+            if sample is None:
+                continue
+            j, line = paired_indices(idx, len(retain_ok), n_idk)
+            item = {"forget": sample, "retain": retain_enc[retain_ok[j]]}
+            if n_idk:
+                forget_idk = idk_sample(forget, idx, line)
+                retain_idk = idk_sample(retain, retain_ok[j], line)
+                if forget_idk is None or retain_idk is None:
+                    continue
+                item["forget_idk"] = forget_idk
+                item["retain_idk"] = retain_idk
+            self.items.append(item)
+        if not self.items:
+            raise UserError("no training items left after truncation; raise --max_length")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, idx: int) -> dict[str, dict[str, list[int]]]:
+        return self.items[idx]
+
+    def lengths(self) -> list[int]:
+        """Total tokens of each item over all its parts (for length grouping)."""
+        return [sum(len(s["input_ids"]) for s in item.values()) for item in self.items]
+
+
+# --------------------------------------------------------------------------- collating
+
+
+class ForgetRetainCollator:
+    """Pad every named part of a batch to its longest sample (or to ``pad_to_length``).
+
+    Padding uses ``pad_token_id`` for inputs and ``IGNORE_INDEX`` for labels; the attention mask is built
+    from the real lengths, so a pad token that equals EOS is still attended where it is real.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_length: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_length = pad_to_length
+
+    def __call__(self, items: list[dict[str, dict[str, list[int]]]]) -> dict[str, dict[str, torch.Tensor]]:
+        batch: dict[str, dict[str, torch.Tensor]] = {}
+        for part in items[0]:
+            samples = [item[part] for item in items]
+            lengths = [len(s["input_ids"]) for s in samples]
+            width = max(lengths) if self.pad_to_length is None else max(self.pad_to_length, max(lengths))
+            input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+            attention = torch.zeros((len(samples), width), dtype=torch.long)
+            for row, (sample, n) in enumerate(zip(samples, lengths, strict=True)):
+                input_ids[row, :n] = torch.tensor(sample["input_ids"])
+                labels[row, :n] = torch.tensor(sample["labels"])
+                attention[row, :n] = 1
+            batch[part] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        return batch

@@ -1,0 +1,178 @@
+"""Each loss against a value worked out by hand and against a naive float64 reference of the original."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.losses import (
+    LOSSES,
+    ap_loss,
+    dpo_loss,
+    ga_loss,
+    kl_loss,
+    me_loss,
+    needs_idk,
+    nll_loss,
+    npo_loss,
+    sequence_nll,
+)
+
+LN2, LN3 = math.log(2), math.log(3)
+
+
+def two_class_logits() -> torch.Tensor:
+    """Logits (1, 3, 2): position 0 gives p = (1/4, 3/4), positions 1 and 2 are uniform."""
+    return torch.tensor([[[0.0, LN3], [0.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+
+
+def test_nll_ga_sequence_nll_hand_values():
+    """Labels [-100, 1, 0]: after the shift, label 1 is read at position 0 (p = 3/4, NLL = ln 4/3) and
+    label 0 at position 1 (uniform, NLL = ln 2). Mean = (ln 4/3 + ln 2) / 2 = ln(8/3) / 2; the sequence
+    sum is ln(8/3); GA is the negated mean."""
+    logits, labels = two_class_logits(), torch.tensor([[-100, 1, 0]])
+    assert nll_loss(logits, labels).item() == pytest.approx(math.log(8 / 3) / 2, abs=1e-12)
+    assert ga_loss(logits, labels).item() == pytest.approx(-math.log(8 / 3) / 2, abs=1e-12)
+    assert sequence_nll(logits, labels).tolist() == pytest.approx([math.log(8 / 3)], abs=1e-12)
+
+
+def test_nll_ignores_masked_tokens():
+    """Masking the last label leaves only ln 4/3, whatever the logits at the masked position."""
+    logits, labels = two_class_logits(), torch.tensor([[-100, 1, -100]])
+    assert nll_loss(logits, labels).item() == pytest.approx(math.log(4 / 3), abs=1e-12)
+    logits[0, 1] = torch.tensor([5.0, -7.0])  # position 1 predicts the masked label
+    assert nll_loss(logits, labels).item() == pytest.approx(math.log(4 / 3), abs=1e-12)
+
+
+def test_me_loss_hand_value():
+    """At position 0, p = (1/4, 3/4): KL(u || p) = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3).
+    Position 1 is uniform: KL = 0. Over the two counted positions the mean is ln(4/3) / 4."""
+    logits, labels = two_class_logits(), torch.tensor([[0, 1, 0]])
+    assert me_loss(logits, labels).item() == pytest.approx(math.log(4 / 3) / 4, abs=1e-12)
+    # only position 0 counted: 1/2 ln(4/3)
+    assert me_loss(logits, torch.tensor([[0, 1, -100]])).item() == pytest.approx(math.log(4 / 3) / 2, abs=1e-12)
+
+
+def test_ap_loss_hand_value():
+    """Uniform logits over 2 classes: each counted token has NLL ln 2. Retain counts 1 token (NLL ln 2),
+    IDK counts 2 (2 ln 2); margin = ln 2; with beta = 1: -log sigmoid(ln 2) = -log(2/3) = ln(3/2)."""
+    zeros = torch.zeros(1, 3, 2, dtype=torch.float64)
+    value = ap_loss(zeros, torch.tensor([[-100, -100, 1]]), zeros, torch.tensor([[-100, 0, 1]]), beta=1.0)
+    assert value.item() == pytest.approx(math.log(1.5), abs=1e-12)
+
+
+def test_npo_and_dpo_at_reference_equal_2_ln2_over_beta():
+    """When the model equals the reference every margin is 0: -(2/beta) log sigmoid(0) = (2/beta) ln 2 = 20 ln 2."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7, dtype=torch.float64), torch.randint(0, 7, (2, 5))
+    idk, idk_labels = torch.randn(2, 4, 7, dtype=torch.float64), torch.randint(0, 7, (2, 4))
+    assert npo_loss(logits, labels, logits.clone(), beta=0.1).item() == pytest.approx(20 * LN2, abs=1e-9)
+    dpo = dpo_loss(logits, labels, idk, idk_labels, logits.clone(), idk.clone(), beta=0.1)
+    assert dpo.item() == pytest.approx(20 * LN2, abs=1e-9)
+
+
+def test_kl_loss_hand_value():
+    """Current uniform, reference p = (1/4, 3/4) at position 0 (the only counted one):
+    KL(ref || cur) = 1/4 ln(1/4 / 1/2) + 3/4 ln(3/4 / 1/2) = -1/4 ln 2 + 3/4 ln 3/2."""
+    ref = two_class_logits()
+    cur = torch.zeros_like(ref)
+    labels = torch.tensor([[0, 1, -100]])
+    expected = -0.25 * LN2 + 0.75 * math.log(1.5)
+    assert kl_loss(cur, ref, labels).item() == pytest.approx(expected, abs=1e-12)
+    assert kl_loss(ref, ref, labels).item() == pytest.approx(0.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- naive references (the original)
+
+
+def naive_me(logits, labels):
+    """The original ME: softmax, a materialised uniform, element-wise KL, masked mean."""
+    v = logits.shape[-1]
+    labels, logits = labels[:, 1:], logits[:, :-1, :]
+    soft = F.softmax(logits, dim=-1).reshape(-1, v)
+    uniform = torch.full_like(soft, 1.0 / v)
+    mask = (labels != -100).reshape(-1)
+    kl = F.kl_div((soft + 1e-12).log(), uniform, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+def naive_batch_nll(logits, labels):
+    return F.cross_entropy(logits[:, :-1].transpose(-1, -2), labels[:, 1:], ignore_index=-100, reduction="none").sum(-1)
+
+
+@pytest.fixture()
+def random_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 9, 50, dtype=torch.float64) * 3
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :4] = -100  # a masked question
+    labels[2, 6:] = -100  # padding
+    return logits, labels
+
+
+def test_against_original_definitions(random_batch):
+    logits, labels = random_batch
+    idk_logits, idk_labels = logits.flip(0), labels.flip(0)
+    beta = 0.1
+    assert me_loss(logits, labels).item() == pytest.approx(naive_me(logits, labels).item(), abs=1e-4)
+    hf = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert nll_loss(logits, labels).item() == pytest.approx(hf.item(), abs=1e-10)
+    ap_ref = -F.logsigmoid(beta * (naive_batch_nll(idk_logits, idk_labels) - naive_batch_nll(logits, labels))).mean()
+    assert ap_loss(logits, labels, idk_logits, idk_labels, beta).item() == pytest.approx(ap_ref.item() / beta, abs=1e-4)
+    ref = logits + 0.5 * torch.randn_like(logits)
+    npo_ref = -F.logsigmoid(beta * (naive_batch_nll(logits, labels) - naive_batch_nll(ref, labels))).mean() * 2 / beta
+    assert npo_loss(logits, labels, ref, beta).item() == pytest.approx(npo_ref.item(), abs=1e-4)
+    mask = labels[:, 1:] != -100
+    p_ref = F.softmax(ref[:, :-1], -1)[mask]
+    p_cur = F.softmax(logits[:, :-1], -1)[mask]
+    kl_ref = (p_ref * (p_ref.log() - p_cur.log())).sum(-1).mean()
+    assert kl_loss(logits, ref, labels).item() == pytest.approx(kl_ref.item(), abs=1e-4)
+
+
+def test_me_chunking_matches_unchunked(random_batch, monkeypatch):
+    import trainer.losses as losses
+
+    logits, labels = random_batch
+    whole = me_loss(logits, labels)
+    monkeypatch.setattr(losses, "ME_CHUNK_TOKENS", 3)
+    assert me_loss(logits, labels).item() == pytest.approx(whole.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("fn", [nll_loss, ga_loss, me_loss])
+def test_masked_positions_have_no_effect_and_grads_are_finite(random_batch, fn):
+    logits, labels = random_batch
+    logits = logits.clone().requires_grad_(True)
+    value = fn(logits, labels)
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+    # positions that predict a masked label get no gradient
+    predicts_masked = torch.cat([labels[:, 1:] == -100, torch.ones(3, 1, dtype=torch.bool)], dim=1)
+    assert logits.grad[predicts_masked].abs().max().item() == 0.0
+    changed = logits.detach().clone()
+    changed[predicts_masked] = 100.0
+    assert fn(changed, labels).item() == pytest.approx(value.item(), abs=1e-12)
+
+
+def test_me_loss_in_bfloat16_is_close_and_finite(random_batch):
+    logits, labels = random_batch
+    value = me_loss(logits.to(torch.bfloat16), labels)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(naive_me(logits, labels).item(), rel=2e-2)
+
+
+def test_empty_selection_is_zero_not_nan():
+    logits = torch.randn(1, 4, 5, requires_grad=True)
+    labels = torch.full((1, 4), -100)
+    assert me_loss(logits, labels).item() == 0.0
+    assert nll_loss(logits, labels).item() == 0.0
+
+
+def test_loss_table():
+    assert {"ME+GD", "IDK+AP", "GA", "GA+GD", "ME", "IDK", "IDK+GD", "NPO", "NPO+GD", "NPO+KL", "DPO+GD"} <= set(LOSSES)
+    assert needs_idk("IDK+AP") and needs_idk("DPO+GD") and not needs_idk("ME+GD") and not needs_idk("NPO+KL")
+    forget, retain = LOSSES["ME+GD"]
+    assert forget.parts == ("forget",) and retain.parts == ("retain",) and not forget.needs_ref
+    assert LOSSES["NPO"][0].needs_ref and LOSSES["ME+KL"][1].needs_ref

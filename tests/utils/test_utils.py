@@ -1,0 +1,86 @@
+"""Config loading, boolean flags, atomic writes and the tiny model builder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from utils.utils import (
+    MODEL_CONFIG_PATH,
+    UserError,
+    atomic_path,
+    bool_arg,
+    load_chat_template,
+    load_model_families,
+    str2bool,
+    write_jsonl,
+)
+
+
+def test_required_families_and_tags():
+    families = load_model_families()
+    assert {"llama2-7b", "llama3-8b", "qwen2.5-8b", "tiny"} <= set(families)
+    assert families["llama2-7b"].prompt("Q") == "[INST] Q [/INST]"
+    assert families["qwen2.5-8b"].prompt("Q") == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    assert families["qwen2.5-8b"].system_prompt is None
+    assert families["llama3-8b"].question_end_tag.startswith("<|eot_id|>")
+    assert all(t.trust_remote_code is False for t in families.values())
+    assert load_chat_template("qwen2_5").family == "qwen2.5-8b"  # the original's --model_type name
+
+
+def test_unknown_family_lists_known_ones():
+    with pytest.raises(UserError, match="unknown model family 'gpt5'.*llama2-7b.*qwen2.5-8b"):
+        load_chat_template("gpt5")
+
+
+def test_config_validation(tmp_path):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("fam:\n  question_start_tag: a\n  question_end_tag: b\n  colour: red\n")
+    with pytest.raises(UserError, match="unknown keys \\['colour'\\]"):
+        load_model_families(bad)
+    bad.write_text("fam:\n  question_start_tag: a\n  question_end_tag: b\n  trust_remote_code: 'yes'\n")
+    with pytest.raises(UserError, match="YAML boolean"):
+        load_model_families(bad)
+    assert MODEL_CONFIG_PATH.is_file()
+
+
+@pytest.mark.parametrize(("text", "value"), [("false", False), ("False", False), ("0", False), ("true", True),
+                                             ("YES", True)])
+def test_str2bool(text, value):
+    assert str2bool(text) is value
+
+
+def test_bool_flag_parses_false_as_false():
+    parser = argparse.ArgumentParser()
+    bool_arg(parser.add_argument_group("g"), "--mask", False, "mask questions")
+    assert parser.parse_args(["--mask", "false"]).mask is False
+    assert parser.parse_args(["--mask", "true"]).mask is True
+    assert parser.parse_args(["--mask"]).mask is True
+    assert parser.parse_args([]).mask is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mask", "maybe"])
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    write_jsonl(target, [{"text": "答案"}])
+    assert json.loads(target.read_text(encoding="utf-8")) == {"text": "答案"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_tiny_model_reloads_and_generates(tiny_model_dir, tokenizer, tiny_model):
+    """The fixture folder reloads through the Auto classes and stops at <|im_end|>."""
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["hidden_size"] // cfg["num_attention_heads"] >= 32
+    assert (tiny_model_dir / "model.safetensors").is_file()
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tiny_model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = tokenizer("hello", return_tensors="pt").input_ids
+    out = tiny_model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids.shape[1]

@@ -1,0 +1,211 @@
+"""Unlearning losses: pure functions of logits ``(B, T, V)`` and labels ``(B, T)``, plus the loss table.
+
+Labels are aligned with the inputs (as a Hugging Face causal LM takes them); every function shifts
+internally, so position ``t`` of the logits predicts label ``t + 1``. Labels equal to ``IGNORE_INDEX``
+(-100) contribute nothing: neither padding nor masked questions ever enter a loss.
+
+The trainer runs the forward passes; this module never sees a model. ``LOSSES`` maps each
+``--loss_type`` to its forget term and optional retain term; a term names the batch parts it reads and
+whether it needs reference logits (the model with its LoRA adapter disabled).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+# Tokens per chunk in the ME loss: bounds the float32 temporaries to chunk x V at a time.
+ME_CHUNK_TOKENS = 1024
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are upcast to float32 for the reductions; float32/64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the last logit and the first label so position t predicts label t + 1."""
+    return logits[:, :-1, :], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+
+
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL (0 where ignored) and the mask of counted tokens, both ``(B, T-1)``."""
+    logits, labels = _shift(logits, labels)
+    mask = labels != IGNORE_INDEX
+    nll = F.cross_entropy(
+        _upcast(logits.reshape(-1, logits.size(-1))),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(labels.shape)
+    return nll, mask
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL over all counted tokens of the batch (a Hugging Face causal-LM loss). GD and IDK use it."""
+    nll, mask = _token_nll(logits, labels)
+    return nll.sum() / mask.sum().clamp(min=1)
+
+
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent: the negated NLL."""
+    return -nll_loss(logits, labels)
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of each sequence's counted tokens, shape ``(B,)`` (= -log p(answer | prompt))."""
+    nll, _ = _token_nll(logits, labels)
+    return nll.sum(dim=-1)
+
+
+def me_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Maximum entropy: KL(uniform || softmax(logits)) averaged over counted tokens.
+
+    In closed form, per position with logits ``z`` over ``V`` classes:
+    ``KL(u || p) = sum_v (1/V)(log(1/V) - log p_v) = logsumexp(z) - mean(z) - log V``.
+    Only the counted positions are gathered, and they are processed ``ME_CHUNK_TOKENS`` at a time,
+    so no uniform tensor, softmax copy or extra ``B x T x V`` tensor is built.
+    """
+    logits, labels = _shift(logits, labels)
+    mask = labels != IGNORE_INDEX
+    picked = logits[mask]  # (N, V), only counted positions
+    n, vocab = picked.shape
+    if n == 0:
+        return logits.sum() * 0.0
+    total = _upcast(logits.new_zeros(()))
+    for start in range(0, n, ME_CHUNK_TOKENS):
+        z = _upcast(picked[start : start + ME_CHUNK_TOKENS])
+        total = total + (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).sum()
+    return total / n - math.log(vocab)
+
+
+def ap_loss(
+    retain_logits: torch.Tensor,
+    retain_labels: torch.Tensor,
+    idk_logits: torch.Tensor,
+    idk_labels: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """Answer preservation: ``-(1/beta) * mean log sigmoid(beta * (nll(idk) - nll(retain)))``.
+
+    Prefers the true retain answer over a refusal to the same retain question (per sequence).
+    """
+    margin = sequence_nll(idk_logits, idk_labels) - sequence_nll(retain_logits, retain_labels)
+    return -F.logsigmoid(beta * margin).mean() / beta
+
+
+def npo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Negative preference optimisation: ``-(2/beta) * mean log sigmoid(beta * (nll - nll_ref))``."""
+    margin = sequence_nll(logits, labels) - sequence_nll(ref_logits, labels).detach()
+    return -F.logsigmoid(beta * margin).mean() * 2 / beta
+
+
+def dpo_loss(
+    forget_logits: torch.Tensor,
+    forget_labels: torch.Tensor,
+    idk_logits: torch.Tensor,
+    idk_labels: torch.Tensor,
+    ref_forget_logits: torch.Tensor,
+    ref_idk_logits: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """DPO with the refusal preferred over the forget answer, against reference logits.
+
+    ``-(2/beta) * mean log sigmoid(beta * ((logp_idk - logp_forget) - (ref_logp_idk - ref_logp_forget)))``
+    with ``logp = -sequence_nll``.
+    """
+    pi = sequence_nll(forget_logits, forget_labels) - sequence_nll(idk_logits, idk_labels)
+    ref = (sequence_nll(ref_forget_logits, forget_labels) - sequence_nll(ref_idk_logits, idk_labels)).detach()
+    return -F.logsigmoid(beta * (pi - ref)).mean() * 2 / beta
+
+
+def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(ref || current) of the next-token distributions, averaged over counted tokens."""
+    logits, labels = _shift(logits, labels)
+    ref_logits = ref_logits[:, :-1, :]
+    mask = labels != IGNORE_INDEX
+    if not mask.any():
+        return logits.sum() * 0.0
+    logp = F.log_softmax(_upcast(logits[mask]), dim=-1)  # (N, V)
+    ref_logp = F.log_softmax(_upcast(ref_logits[mask]), dim=-1).detach()
+    return F.kl_div(logp, ref_logp, reduction="sum", log_target=True) / mask.sum()
+
+
+# --------------------------------------------------------------------------- the loss table
+
+
+class PartOutput(NamedTuple):
+    """What the trainer computed for one batch part: the model's logits, labels and reference logits."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    ref_logits: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of an objective: the batch parts it reads, whether it needs reference logits, and how."""
+
+    parts: tuple[str, ...]
+    needs_ref: bool
+    compute: Callable[[Mapping[str, PartOutput], float], torch.Tensor]
+
+
+GA = LossTerm(("forget",), False, lambda o, b: ga_loss(o["forget"].logits, o["forget"].labels))
+ME = LossTerm(("forget",), False, lambda o, b: me_loss(o["forget"].logits, o["forget"].labels))
+IDK = LossTerm(("forget_idk",), False, lambda o, b: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels))
+NPO = LossTerm(
+    ("forget",), True, lambda o, b: npo_loss(o["forget"].logits, o["forget"].labels, o["forget"].ref_logits, b)
+)
+DPO = LossTerm(
+    ("forget", "forget_idk"),
+    True,
+    lambda o, b: dpo_loss(
+        o["forget"].logits, o["forget"].labels, o["forget_idk"].logits, o["forget_idk"].labels,
+        o["forget"].ref_logits, o["forget_idk"].ref_logits, b,
+    ),
+)
+GD = LossTerm(("retain",), False, lambda o, b: nll_loss(o["retain"].logits, o["retain"].labels))
+KL = LossTerm(("retain",), True, lambda o, b: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels))
+AP = LossTerm(
+    ("retain", "retain_idk"),
+    False,
+    lambda o, b: ap_loss(o["retain"].logits, o["retain"].labels, o["retain_idk"].logits, o["retain_idk"].labels, b),
+)
+
+# --loss_type -> (forget term, retain term or None)
+LOSSES: dict[str, tuple[LossTerm, LossTerm | None]] = {
+    "GA": (GA, None),
+    "GA+GD": (GA, GD),
+    "GA+KL": (GA, KL),
+    "ME": (ME, None),
+    "ME+GD": (ME, GD),
+    "ME+KL": (ME, KL),
+    "ME+AP": (ME, AP),
+    "IDK": (IDK, None),
+    "IDK+GD": (IDK, GD),
+    "IDK+KL": (IDK, KL),
+    "IDK+AP": (IDK, AP),
+    "NPO": (NPO, None),
+    "NPO+GD": (NPO, GD),
+    "NPO+KL": (NPO, KL),
+    "DPO": (DPO, None),
+    "DPO+GD": (DPO, GD),
+    "DPO+KL": (DPO, KL),
+    "DPO+AP": (DPO, AP),
+}
+
+# parts that only exist when a refusal (IDK) file is given
+IDK_PARTS = frozenset({"forget_idk", "retain_idk"})
+
+
+def needs_idk(loss_type: str) -> bool:
+    """Whether ``loss_type`` reads a refusal part (so an IDK file is required)."""
+    return any(term is not None and IDK_PARTS & set(term.parts) for term in LOSSES[loss_type])

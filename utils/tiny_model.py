@@ -1,0 +1,112 @@
+"""Build a tiny Qwen2-architecture chat model and a byte-level BPE tokenizer in code, offline.
+
+Tests and the demo use it instead of downloaded weights. ``head_dim = hidden_size / num_attention_heads``
+is kept at 32 or more because vLLM's CPU attention supports only certain head sizes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the a of and to in is was for on with as by at from that this his her their patient doctor "
+    "hospital diagnosis address phone number birthday born lives street road city river mountain "
+    "definition means refers process disease medicine treatment symptom blood heart lung liver kidney "
+    "question answer choice correct option which what who when where how why not sure know cannot "
+    "share private information sorry I don't remember author book novel wrote written published year "
+    "name called one two three four five six seven eight nine zero"
+).split()
+
+
+def default_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    """Deterministic filler text (English words, digits, punctuation, some CJK) for training the BPE."""
+    rng = random.Random(seed)
+    cjk = [chr(c) for c in range(0x4E00, 0x4E00 + 400)]
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.3:
+            words.append("".join(rng.choice(cjk) for _ in range(rng.randint(2, 6))))
+        if rng.random() < 0.3:
+            words.append(str(rng.randint(0, 99999)))
+        lines.append(" ".join(words) + rng.choice([".", "?", "!", ",", ":"]))
+    return lines
+
+
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024):
+    """Train a byte-level BPE tokenizer on ``corpus`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    EOS is ``<|im_end|>`` (the end of an assistant turn), padding ``<|endoftext|>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = list(corpus) if corpus is not None else []
+    lines += default_corpus()  # a tiny corpus makes the BPE trainer stop short of the vocabulary size
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2, seed: int = 0):
+    """A randomly initialised ``Qwen2ForCausalLM`` sized for ``tokenizer`` (float32, CPU)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    if hidden_size // num_heads < 32:
+        raise ValueError("keep hidden_size / num_heads >= 32 (vLLM's CPU attention needs it)")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
+    return model
+
+
+def save_tiny_model(path: str | Path, corpus: Iterable[str] | None = None, seed: int = 0, **model_kwargs) -> Path:
+    """Build the tokenizer and model and save both to ``path`` (a normal transformers folder)."""
+    path = Path(path)
+    tokenizer = build_tokenizer(corpus)
+    model = build_model(tokenizer, seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,226 @@
+"""Shared helpers: errors, logging, seeding, the chat-tag config, atomic writes and argparse groups."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIG_PATH = PROJECT_ROOT / "config" / "model_config.yaml"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class UserError(Exception):
+    """A mistake in the user's input (file, argument, folder): reported as one line, never a traceback."""
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a script's ``main`` and turn a :class:`UserError` into one clear message and exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        logging.getLogger("unlearn").error("%s", err)
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------- logging and seeding
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure logging once, for scripts. Non-main processes of a distributed run log warnings only."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- chat tags
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The chat tags and loading options of one model family (``config/model_config.yaml``)."""
+
+    family: str
+    question_start_tag: str
+    question_end_tag: str
+    answer_tag: str = ""
+    system_prompt: str | None = None
+    hf_key: str | None = None
+    aliases: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def prompt(self, question: str) -> str:
+        """The text that precedes the answer: system prompt, tags and question."""
+        system = self.system_prompt or ""
+        return f"{system}{self.question_start_tag}{question}{self.question_end_tag}{self.answer_tag}"
+
+
+_TEMPLATE_KEYS = {f.name for f in fields(ChatTemplate)} - {"family"}
+_REQUIRED_KEYS = {"question_start_tag", "question_end_tag"}
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML file; a missing file or a syntax error is a :class:`UserError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML: {err}") from None
+
+
+def load_model_families(path: str | os.PathLike = MODEL_CONFIG_PATH) -> dict[str, ChatTemplate]:
+    """Load every family of the model config, validating keys and types."""
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of family name -> settings")
+    families: dict[str, ChatTemplate] = {}
+    for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: family {name!r}: expected a mapping")
+        unknown = set(entry) - _TEMPLATE_KEYS
+        if unknown:
+            allowed = sorted(_TEMPLATE_KEYS)
+            raise UserError(f"{path}: family {name!r}: unknown keys {sorted(unknown)}; allowed: {allowed}")
+        missing = _REQUIRED_KEYS - set(entry)
+        if missing:
+            raise UserError(f"{path}: family {name!r}: missing keys {sorted(missing)}")
+        for key in ("question_start_tag", "question_end_tag", "answer_tag"):
+            if key in entry and not isinstance(entry[key], str):
+                raise UserError(f"{path}: family {name!r}: {key} must be a string")
+        if not isinstance(entry.get("trust_remote_code", False), bool):
+            raise UserError(f"{path}: family {name!r}: trust_remote_code must be a YAML boolean (true/false)")
+        values = dict(entry)
+        values["aliases"] = tuple(values.get("aliases") or ())
+        values["answer_tag"] = values.get("answer_tag") or ""
+        families[str(name)] = ChatTemplate(family=str(name), **values)
+    return families
+
+
+def load_chat_template(family: str, path: str | os.PathLike = MODEL_CONFIG_PATH) -> ChatTemplate:
+    """Return the chat template of ``family`` (a family name or one of its aliases)."""
+    families = load_model_families(path)
+    if family in families:
+        return families[family]
+    for template in families.values():
+        if family in template.aliases:
+            return template
+    known = ", ".join(sorted(families))
+    raise UserError(f"unknown model family {family!r} (in {path}); known families: {known}")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path`` (file or folder).
+
+    Nothing appears at ``path`` unless the block finishes, so an interrupted write never leaves a
+    half-written file. An existing folder at ``path`` is replaced only after the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / "out"
+    try:
+        yield target
+        if path.is_dir() and target.is_dir():
+            old = path.with_name(f".{path.name}.old")
+            _remove(old)
+            path.rename(old)
+            target.rename(path)
+            _remove(old)
+        else:
+            os.replace(target, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+    """Write rows as JSON lines (UTF-8, no ASCII escaping), atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write one JSON document, atomically."""
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        json.dump(obj, fh, ensure_ascii=False, indent=indent)
+        fh.write("\n")
+
+
+# --------------------------------------------------------------------------- argparse helpers
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse ``true/false/yes/no/1/0`` (any case) for flags such as ``--mask false``."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in {"true", "t", "yes", "y", "1", "on"}:
+        return True
+    if lowered in {"false", "f", "no", "n", "0", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_path: str | None = None, family: str = "qwen2.5-8b") -> None:
+    """Arguments that choose and load the model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_path", default=model_path, required=model_path is None,
+                       help="local folder of a causal LM (transformers format)")
+    group.add_argument("--model_family", default=family,
+                       help="chat-tag family from config/model_config.yaml (a name or alias)")
+    group.add_argument("--model_config", default=str(MODEL_CONFIG_PATH), help="the model-family YAML file")
+    group.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
+                       help="allow a model folder's own Python code to run (off by default)")
+
+
+def bool_arg(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:  # noqa: A002
+    """Add ``--name [true|false]``: a bare ``--name`` means true, ``--name false`` means false."""
+    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="{true,false}", help=help)
