@@ -55,3 +55,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]
+
+
+@pytest.fixture(scope="session")
+def target(tmp_path_factory) -> dict:
+    """A tiny model that has memorised 16 private facts (forget) and 16 definitions (retain), with its files."""
+    from utils.demo_data import definition_items, privacy_items
+    from utils.tiny_model import build_target_model
+    from utils.utils import write_jsonl
+
+    root = tmp_path_factory.mktemp("target")
+    forget, retain = privacy_items(16, seed=0), definition_items()[:16]
+    pairs = [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in forget + retain]
+    build_target_model(root / "model", pairs, hidden_size=128)
+    write_jsonl(root / "forget.jsonl", forget)
+    write_jsonl(root / "retain.jsonl", retain)
+    (root / "idk.txt").write_text("\n".join(REFUSALS) + "\n")
+    return {"model": root / "model", "forget": root / "forget.jsonl", "retain": root / "retain.jsonl",
+            "idk": root / "idk.txt", "forget_pairs": pairs[:16], "retain_pairs": pairs[16:]}

@@ -49,13 +49,21 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024)
 
     EOS is ``<|im_end|>`` (the end of an assistant turn), padding ``<|endoftext|>``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     lines = list(corpus) if corpus is not None else []
     lines += default_corpus()  # a tiny corpus makes the BPE trainer stop short of the vocabulary size
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # The same normaliser and pre-tokeniser as transformers' Qwen2Tokenizer: AutoTokenizer reloads a
+    # qwen2 model folder as that class, which installs them; training with others would make the
+    # reloaded tokenizer split text (digits, notably) differently from the one the model learned.
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -107,6 +115,62 @@ def save_tiny_model(path: str | Path, corpus: Iterable[str] | None = None, seed:
     path = Path(path)
     tokenizer = build_tokenizer(corpus)
     model = build_model(tokenizer, seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def memorise(model, tokenizer, template, pairs: list[tuple[str, str]], epochs: int = 60, lr: float = 3e-3,
+             batch_size: int = 8, seed: int = 0, output_dir: str | Path | None = None):
+    """Fine-tune ``model`` (all weights) on question/answer ``pairs`` until it has memorised them.
+
+    This makes the "original model" that tests and the demo unlearn from. The Trainer owns the loop; the
+    samples are the same as training's (chat tags, question masked, EOS label).
+    """
+    import tempfile
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from dataset.data_module import encode_qa
+
+    samples = [encode_qa(tokenizer, template, q, a, max_length=256, mask=True) for q, a in pairs]
+    samples = [{**s, "attention_mask": [1] * len(s["input_ids"])} for s in samples if s is not None]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=str(output_dir or tmp), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+            learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, seed=seed,
+            save_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True, use_cpu=True,
+            dataloader_pin_memory=False,
+        )
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        Trainer(model=model, args=args, train_dataset=samples, data_collator=collator).train()
+    return model.eval()
+
+
+def build_target_model(
+    path: str | Path,
+    pairs: list[tuple[str, str]],
+    family: str = "tiny",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    epochs: int = 60,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny model that has memorised ``pairs`` (the "original model" to unlearn from) and save it.
+
+    The tokenizer is trained on the pairs' text (plus filler), the model from scratch, then fine-tuned on
+    the pairs formatted with ``family``'s chat tags. Deterministic for a given seed.
+    """
+    from utils.utils import load_chat_template, seed_everything
+
+    seed_everything(seed)
+    template = load_chat_template(family)
+    tokenizer = build_tokenizer([f"{q} {a}" for q, a in pairs])
+    model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers,
+                        num_heads=max(1, hidden_size // 32), seed=seed)
+    memorise(model, tokenizer, template, pairs, epochs=epochs, lr=lr, seed=seed)
+    path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -1,0 +1,205 @@
+"""The forget scripts end to end on the tiny model: outputs, weights, multi-process, and that unlearning works."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rouge_score import rouge_scorer
+
+import forget_idk_ap
+import forget_me_gd
+from dataset.data_module import ForgetRetainCollator, encode_qa
+from trainer.losses import nll_loss
+from utils.utils import load_chat_template
+
+REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]  # conftest's
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def base_args(target: dict, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model_path", str(target["model"]), "--model_family", "tiny",
+            "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
+            "--idk_data_path", str(target["idk"]), "--save_root", str(tmp_path / "adapter"), *extra]
+
+
+def load_adapter(base: Path, adapter: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+
+
+# --------------------------------------------------------------------------- outputs and weights
+
+
+@pytest.mark.parametrize(
+    ("script", "loss_type"),
+    [(forget_me_gd, "ME+GD"), (forget_idk_ap, "IDK+AP"), (forget_me_gd, "NPO+KL"), (forget_idk_ap, "DPO+GD")],
+)
+def test_script_trains_lora_only_and_writes_outputs(target, tmp_path, script, loss_type):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    final = script.main(base_args(target, tmp_path, "--loss_type", loss_type, "--num_epochs", "2", "--bs", "8",
+                                  "--save_steps", "1", "--lr", "1e-3"))
+    run = final.parent
+    assert final.name == "final_lora_model" and run.parent == tmp_path / "adapter"
+    assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
+    assert (final / "tokenizer_config.json").is_file()
+    assert (run / "checkpoint-epoch-1" / "trainer_state.json").is_file()  # every --save_steps epochs, not the last
+    assert not (run / "checkpoint-epoch-2").exists()
+
+    # LoRA weights moved away from their initialisation (B starts at zero); the base weights did not change
+    weights = load_file(final / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)
+    model = load_adapter(target["model"], final)
+    base = AutoModelForCausalLM.from_pretrained(target["model"])
+    merged_base = model.get_base_model().state_dict()
+    for name, tensor in base.state_dict().items():
+        prefix, leaf = name.rsplit(".", 1)
+        key = f"{prefix}.base_layer.{leaf}" if f"{prefix}.base_layer.{leaf}" in merged_base else name
+        assert torch.equal(merged_base[key], tensor), name
+
+    args = json.loads((run / "run_args.json").read_text())
+    assert args["loss_type"] == loss_type and args["mask"] is False and args["world_size"] == 1
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 4  # 16 items / bs 8 x 2 epochs, logged every step
+    for row in steps:
+        assert {"loss", "forget_loss", "retain_loss", "learning_rate", "epoch", "step"} <= set(row)
+        coeff = 0.9 if script is forget_me_gd else 0.5
+        assert row["loss"] == pytest.approx(coeff * row["forget_loss"] + row["retain_loss"], rel=1e-4)
+
+
+def test_reference_loss_starts_at_its_no_change_value(target, tmp_path):
+    """NPO's first step compares the model with itself (LoRA B = 0): -(2/beta) log sigmoid(0) = 20 ln 2."""
+    final = forget_me_gd.main(base_args(target, tmp_path, "--loss_type", "NPO", "--num_epochs", "1", "--bs", "16"))
+    row = json.loads((final.parent / "train_log.jsonl").read_text().splitlines()[0])
+    assert row["forget_loss"] == pytest.approx(20 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+
+
+def test_gradient_clipping_really_clips(target, tmp_path):
+    """With a clip norm of 1e-12 the clipped gradient is far below Adam's epsilon (1e-8), so the first
+    update of LoRA B is a tiny fraction of the unclipped one (Adam's update is ~lr either way otherwise)."""
+    from safetensors.torch import load_file
+
+    def lora_b_after_one_step(clip: str, name: str) -> torch.Tensor:
+        final = forget_me_gd.main(base_args(target, tmp_path / name, "--num_epochs", "1", "--bs", "16",
+                                            "--max_grad_norm", clip, "--lora_dropout", "0", "--warmup_ratio", "0",
+                                            "--lr_scheduler_type", "constant"))
+        weights = load_file(final / "adapter_model.safetensors")
+        return torch.cat([v.flatten() for k, v in sorted(weights.items()) if "lora_B" in k])
+
+    free, clipped = lora_b_after_one_step("0", "free"), lora_b_after_one_step("1e-12", "clipped")
+    assert clipped.abs().max() < 0.01 * free.abs().max()
+
+
+def test_seed_command_line_runs_with_python(target, tmp_path):
+    """The original command line, unchanged but for where the model and data are."""
+    cmd = [sys.executable, "forget_me_gd.py", "--config_file", "accelerate_config.yaml", "--num_epochs", "1",
+           "--bs", "1", "--max_length", "400", "--loss_type", "ME+GD",
+           "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
+           "--mask", "false", "--lr", "3e-5", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05",
+           "--forget_coeff", "1.0", "--regularization_coeff", "1.0",
+           "--model_path", str(target["model"]), "--model_family", "tiny", "--save_root", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "ME+GD_epoch1_3e-05_maskFalse_1.0"
+    assert (run / "final_lora_model" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "run_args.json").read_text())["mask"] is False
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(target, tmp_path):
+    """Two real gloo processes (world size 2): the loader is sharded, so 16 items / (2 x bs 2) = 4 optimizer
+    steps an epoch, and one adapter is written."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "config/accelerate_cpu.yaml",
+           "forget_me_gd.py", *base_args(target, tmp_path, "--num_epochs", "2", "--bs", "2", "--lr", "1e-3")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "adapter").iterdir())
+    assert len(runs) == 1
+    args = json.loads((runs[0] / "run_args.json").read_text())
+    assert args["world_size"] == 2
+    rows = [json.loads(line) for line in (runs[0] / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 8
+    assert (runs[0] / "final_lora_model" / "adapter_model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- unlearning works
+
+
+def measure(model, tokenizer, pairs: list[tuple[str, str]]) -> tuple[float, float]:
+    """(mean answer-token NLL, mean greedy-answer ROUGE-L F) over ``pairs``."""
+    template = load_chat_template("tiny")
+    samples = [{"x": encode_qa(tokenizer, template, q, a, 256, mask=True)} for q, a in pairs]
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)(samples)["x"]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll = nll_loss(logits, batch["labels"]).item()
+        rouge = 0.0
+        for question, answer in pairs:
+            ids = tokenizer(template.prompt(question), return_tensors="pt").input_ids
+            out = model.generate(input_ids=ids, max_new_tokens=40, do_sample=False)
+            rouge += scorer.score(answer, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))[
+                "rougeL"].fmeasure
+    return nll, rouge / len(pairs)
+
+
+def greedy_answers(model, tokenizer, questions: list[str]) -> list[str]:
+    template = load_chat_template("tiny")
+    answers = []
+    with torch.no_grad():
+        for question in questions:
+            ids = tokenizer(template.prompt(question), return_tensors="pt").input_ids
+            out = model.generate(input_ids=ids, max_new_tokens=30, do_sample=False)
+            answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+@pytest.fixture(scope="module")
+def before(target):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(target["model"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target["model"])
+    return tokenizer, measure(model, tokenizer, target["forget_pairs"]), measure(model, tokenizer,
+                                                                                 target["retain_pairs"])
+
+
+def test_me_gd_forgets_the_forget_set_and_keeps_the_retain_set(target, before, tmp_path):
+    tokenizer, (forget_nll0, forget_rouge0), (retain_nll0, retain_rouge0) = before
+    assert forget_rouge0 > 0.95 and retain_rouge0 > 0.95  # the target model has memorised both sets
+    final = forget_me_gd.main(base_args(target, tmp_path, "--num_epochs", "5", "--bs", "4", "--lr", "2e-3"))
+    model = load_adapter(target["model"], final)
+    forget_nll, forget_rouge = measure(model, tokenizer, target["forget_pairs"])
+    retain_nll, retain_rouge = measure(model, tokenizer, target["retain_pairs"])
+    print(f"ME+GD forget NLL {forget_nll0:.3f}->{forget_nll:.3f} ROUGE-L {forget_rouge0:.3f}->{forget_rouge:.3f}; "
+          f"retain NLL {retain_nll0:.3f}->{retain_nll:.3f} ROUGE-L {retain_rouge0:.3f}->{retain_rouge:.3f}")
+    assert forget_nll > forget_nll0 + 1.5  # answer likelihood down by a factor > e^1.5 per token
+    assert forget_rouge < 0.5
+    assert retain_rouge > 0.9 and retain_nll < retain_nll0 + 0.3
+
+
+def test_idk_ap_turns_forget_answers_into_refusals(target, before, tmp_path):
+    tokenizer, (_, forget_rouge0), (_, retain_rouge0) = before
+    final = forget_idk_ap.main(base_args(target, tmp_path, "--num_epochs", "20", "--bs", "4", "--lr", "3e-3",
+                                         "--forget_coeff", "1.0"))
+    model = load_adapter(target["model"], final)
+    answers = greedy_answers(model, tokenizer, [q for q, _ in target["forget_pairs"]])
+    refusals = sum(a in REFUSALS for a in answers)
+    _, forget_rouge = measure(model, tokenizer, target["forget_pairs"])
+    _, retain_rouge = measure(model, tokenizer, target["retain_pairs"])
+    print(f"IDK+AP refusals {refusals}/16; forget ROUGE-L {forget_rouge0:.3f}->{forget_rouge:.3f}; "
+          f"retain ROUGE-L {retain_rouge0:.3f}->{retain_rouge:.3f}")
+    assert refusals >= 12
+    assert forget_rouge < 0.2
+    assert retain_rouge > 0.5

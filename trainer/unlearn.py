@@ -1,0 +1,251 @@
+"""The training path both forget scripts share: validate → build model and data → train → save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import string
+from pathlib import Path
+
+from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, load_lines, load_qa_jsonl
+from trainer.losses import LOSSES, needs_idk
+from utils.utils import PROJECT_ROOT, UserError, load_chat_template, seed_everything, write_json
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIR = "final_lora_model"
+LOG_FILE = "train_log.jsonl"
+ARGS_FILE = "run_args.json"
+
+
+def resolve_output_dir(args: argparse.Namespace) -> Path:
+    """Fill ``${name}`` placeholders of ``--output_dir`` from the arguments (an unknown name is an error)."""
+    values = {k: str(v) for k, v in vars(args).items()}
+    try:
+        return Path(string.Template(args.output_dir).substitute(values))
+    except KeyError as err:
+        raise UserError(f"--output_dir: unknown name ${{{err.args[0]}}}; known: {', '.join(sorted(values))}") from None
+    except ValueError as err:
+        raise UserError(f"--output_dir: {err}") from None
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """A local transformers model folder (with config.json), or a clear error."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model_path {path}: not a model folder (no config.json there)")
+    return path
+
+
+def _resolve_resume(args: argparse.Namespace, out_dir: Path) -> str | None:
+    from trainer.unlearn_trainer import latest_checkpoint
+
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = latest_checkpoint(out_dir)
+        if found is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting from scratch", out_dir)
+            return None
+        return str(found)
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {path}: not a training checkpoint (no trainer_state.json)")
+    return str(path)
+
+
+def build_dataset(args: argparse.Namespace, tokenizer, template) -> ForgetRetainDataset:
+    """Read the forget/retain (and refusal) files and tokenise them."""
+    forget = load_qa_jsonl(args.forget_data_path)
+    retain = load_qa_jsonl(args.retain_data_path)
+    idk = load_lines(args.idk_data_path) if needs_idk(args.loss_type) else None
+    return ForgetRetainDataset(forget, retain, tokenizer, template, args.max_length, mask=args.mask, idk_lines=idk)
+
+
+def validate(args: argparse.Namespace) -> tuple[Path, object]:
+    """Every check that needs no model: fails in seconds, before anything heavy is loaded."""
+    template = load_chat_template(args.model_family, args.model_config)
+    check_model_folder(args.model_path)
+    for flag in ("forget_data_path", "retain_data_path"):
+        load_qa_jsonl(getattr(args, flag))
+    if needs_idk(args.loss_type):
+        load_lines(args.idk_data_path)
+    for flag in ("max_length", "num_epochs", "bs", "lora_r"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UserError("--warmup_ratio must be in [0, 1)")
+    out_dir = resolve_output_dir(args)
+    if (out_dir / FINAL_DIR).exists() and not args.overwrite and args.resume_from_checkpoint is None:
+        raise UserError(f"{out_dir / FINAL_DIR} already exists; pass --overwrite to replace it "
+                        "or choose another --output_dir")
+    return out_dir, template
+
+
+def build_model(args: argparse.Namespace, template, bf16: bool):
+    """Load the tokenizer and base model and wrap the model with a fresh LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = args.trust_remote_code or template.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32, "trust_remote_code": trust, "use_safetensors": True}
+    if template.attn_implementation:
+        kwargs["attn_implementation"] = template.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, **kwargs)
+    model.config.use_cache = False
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    targets = args.lora_target_modules
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    seed_everything(args.seed)  # LoRA's initialisation draws from the global RNG
+    model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def _use_bf16(args: argparse.Namespace) -> bool:
+    import torch
+
+    if args.bf16 is not None:
+        return args.bf16
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    # Launched as several processes without CUDA: without use_cpu + gloo every process would train
+    # alone (world size 1) and all of them would write the same run folder.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accumulation = args.gradient_accumulation_steps
+    if accumulation is None:
+        accumulation = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"))
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=args.num_epochs,
+        per_device_train_batch_size=args.bs,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=args.lr,
+        weight_decay=args.wd,
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the optimizer steps
+        max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps,
+        save_strategy="no",  # checkpoints every --save_steps epochs come from EpochCheckpointCallback
+        seed=args.seed,
+        bf16=bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        report_to=[] if args.report_to == "none" else [args.report_to],
+        remove_unused_columns=False,  # batches are nested dicts of named parts
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        save_only_model=False,
+        use_cpu=cpu_ddp,
+        ddp_backend="gloo" if cpu_ddp else None,
+    )
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """On resume, drop log rows written after the checkpoint (they will be logged again)."""
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from utils.utils import write_jsonl
+
+        write_jsonl(path, [r for r in rows if r.get("step", 0) <= last_step])
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run one unlearning job; returns the folder of the final adapter."""
+    from transformers import TrainerState
+
+    from trainer.unlearn_trainer import EpochCheckpointCallback, JsonlLogCallback, UnlearnTrainer
+
+    out_dir, template = validate(args)
+    resume = _resolve_resume(args, out_dir)
+    bf16 = _use_bf16(args)
+    model, tokenizer = build_model(args, template, bf16)
+    dataset = build_dataset(args, tokenizer, template)
+    training_args = build_training_args(args, out_dir, bf16)
+    forget_term, retain_term = LOSSES[args.loss_type]
+    trainer = UnlearnTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=ForgetRetainCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        forget_term=forget_term,
+        retain_term=retain_term,
+        forget_coeff=args.forget_coeff,
+        retain_coeff=args.regularization_coeff,
+        beta=args.beta,
+        callbacks=[EpochCheckpointCallback(args.save_steps), JsonlLogCallback(out_dir / LOG_FILE)],
+    )
+    if trainer.is_world_process_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = out_dir / LOG_FILE
+        if resume is None:
+            log_path.unlink(missing_ok=True)
+        else:
+            _trim_log(log_path, TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).global_step)
+        record = {**vars(args), "output_dir": str(out_dir), "resolved_from": args.output_dir,
+                  "gradient_accumulation_steps": training_args.gradient_accumulation_steps, "bf16": bf16,
+                  "world_size": training_args.world_size, "train_items": len(dataset), "resumed_from": resume}
+        write_json(out_dir / ARGS_FILE, record)
+    logger.info("training %s on %d forget items for %d epochs -> %s", args.loss_type, len(dataset), args.num_epochs,
+                out_dir)
+    trainer.train(resume_from_checkpoint=resume)
+    return save_final(trainer, out_dir)
+
+
+def save_final(trainer, out_dir: Path) -> Path:
+    """Save adapter + tokenizer to a temporary folder, then rename it to ``final_lora_model``."""
+    import shutil
+
+    final, tmp = out_dir / FINAL_DIR, out_dir / f".{FINAL_DIR}.tmp"
+    if trainer.is_world_process_zero() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the arguments are in run_args.json
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info("saved the final adapter to %s", final)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def main_for(method: str, argv: list[str] | None, description: str) -> Path:
+    """Parse a forget script's arguments (defaults by ``method``) and train."""
+    from utils.utils import add_unlearn_args, setup_logging
+
+    defaults = {
+        "me_gd": {"loss_type": "ME+GD", "max_length": 400, "forget_coeff": 0.9},
+        "idk_ap": {"loss_type": "IDK+AP", "max_length": 288, "forget_coeff": 0.5},
+    }[method]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_unlearn_args(parser, loss_choices=sorted(LOSSES), **defaults)
+    args = parser.parse_args(argv)
+    if not Path(args.idk_data_path).is_absolute() and not Path(args.idk_data_path).exists():
+        candidate = PROJECT_ROOT / args.idk_data_path
+        if candidate.exists():
+            args.idk_data_path = str(candidate)
+    setup_logging()
+    return train(args)
