@@ -76,3 +76,26 @@ def target(tmp_path_factory) -> dict:
     (root / "idk.txt").write_text("\n".join(REFUSALS) + "\n")
     return {"model": root / "model", "forget": root / "forget.jsonl", "retain": root / "retain.jsonl",
             "idk": root / "idk.txt", "forget_pairs": pairs[:16], "retain_pairs": pairs[16:]}
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(target, tmp_path_factory) -> Path:
+    """A ME+GD adapter trained briefly on the target model (for merge/predict tests)."""
+    import forget_me_gd
+
+    out = tmp_path_factory.mktemp("adapter")
+    return forget_me_gd.main(["--model_path", str(target["model"]), "--model_family", "tiny",
+                              "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
+                              "--num_epochs", "2", "--bs", "4", "--lr", "2e-3", "--save_root", str(out)])
+
+
+def run_script(module, argv: list[str], capsys) -> tuple[int, str]:
+    """Run a script's CLI entry (``run_cli(main)``) in-process: (exit code, stderr)."""
+    from utils.utils import run_cli
+
+    try:
+        run_cli(module.main, argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, load_lines, load_qa_jsonl
 from trainer.losses import LOSSES, needs_idk
-from utils.utils import PROJECT_ROOT, UserError, load_chat_template, seed_everything, write_json
+from utils.utils import (
+    PROJECT_ROOT,
+    UserError,
+    check_model_folder,
+    load_chat_template,
+    seed_everything,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +36,6 @@ def resolve_output_dir(args: argparse.Namespace) -> Path:
         raise UserError(f"--output_dir: unknown name ${{{err.args[0]}}}; known: {', '.join(sorted(values))}") from None
     except ValueError as err:
         raise UserError(f"--output_dir: {err}") from None
-
-
-def check_model_folder(path: str | os.PathLike) -> Path:
-    """A local transformers model folder (with config.json), or a clear error."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model_path {path}: not a model folder (no config.json there)")
-    return path
 
 
 def _resolve_resume(args: argparse.Namespace, out_dir: Path) -> str | None:

@@ -35,7 +35,6 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     try:
         main(argv)
     except UserError as err:
-        logging.getLogger("unlearn").error("%s", err)
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
         sys.exit(2)
 
@@ -141,6 +140,23 @@ def load_chat_template(family: str, path: str | os.PathLike = MODEL_CONFIG_PATH)
             return template
     known = ", ".join(sorted(families))
     raise UserError(f"unknown model family {family!r} (in {path}); known families: {known}")
+
+
+def check_model_folder(path: str | os.PathLike, flag: str = "--model_path") -> Path:
+    """A local transformers model folder (with config.json), or a clear error."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{flag} {path}: not a model folder (no config.json there)")
+    return path
+
+
+def check_output_free(path: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Path:
+    """Refuse to write into an existing non-empty folder (or over a file) unless ``overwrite``."""
+    path = Path(path)
+    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if occupied and not overwrite:
+        raise UserError(f"{flag} {path} already exists and is not empty; pass --overwrite to replace it")
+    return path
 
 
 # --------------------------------------------------------------------------- atomic writes

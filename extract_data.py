@@ -1,0 +1,98 @@
+"""Choose forget and retain items from a model's own answers on a training set.
+
+    python extract_data.py --test_data data/demo/train.jsonl --user_out_path results/train_pred.jsonl \
+        --forget_out_path data/forget/forget.jsonl --retain_out_path data/retain/retain.jsonl \
+        --keep_prefixes noun_definition choice qa
+
+ROUGE-L (as evaluate.py computes it) between each gold answer and the model's answer: items at or
+above `--forget_threshold` are memorised (forget), below `--retain_threshold` go to retain, those in
+between are dropped. Items whose `name_key` starts with one of `--keep_prefixes` are never forgotten:
+they go to retain while their score is at most `--keep_threshold` (up to `--max_keep` of them).
+Lines are copied verbatim. `--predict --model_path M` first writes the answers with predict_demo.py's
+code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from dataset.data_module import load_qa_jsonl
+from evaluate import load_predictions
+from predict_demo import add_generation_args, predict_answers
+from utils.metrics import atec_rouge_l
+from utils.utils import UserError, atomic_path, bool_arg, check_model_folder, run_cli, setup_logging, write_jsonl
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--test_data", required=True, help="training set (conversation format, with name_key)")
+    parser.add_argument("--user_out_path", required=True, help="the model's answers ({'text'} JSONL, line-aligned)")
+    parser.add_argument("--forget_out_path", default="data/forget/forget.jsonl", help="where forget items go")
+    parser.add_argument("--retain_out_path", default="data/retain/retain.jsonl", help="where retain items go")
+    parser.add_argument("--forget_threshold", type=float, default=0.5, help="ROUGE-L at or above: forget")
+    parser.add_argument("--retain_threshold", type=float, default=0.25, help="ROUGE-L below: retain")
+    parser.add_argument("--keep_prefixes", nargs="*", default=[], help="name_key prefixes that are never forgotten")
+    parser.add_argument("--keep_threshold", type=float, default=0.8, help="keep-prefix items at most this: retain")
+    parser.add_argument("--max_keep", type=int, default=None, help="at most this many keep-prefix items in retain")
+    bool_arg(parser, "--predict", False, "generate --user_out_path first with --model_path")
+    parser.add_argument("--model_path", default=None, help="model folder for --predict")
+    add_generation_args(parser, max_new_tokens=512)
+    return parser.parse_args(argv)
+
+
+def split_items(keys: list[str], golds: list[str], answers: list[str], args: argparse.Namespace) -> list[str]:
+    """A decision per item: ``forget``, ``retain`` or ``dropped``."""
+    decisions, kept = [], 0
+    for key, gold, answer in zip(keys, golds, answers, strict=True):
+        score = atec_rouge_l(gold, answer)
+        if any(key.startswith(p) for p in args.keep_prefixes):
+            if score <= args.keep_threshold and (args.max_keep is None or kept < args.max_keep):
+                decisions.append("retain")
+                kept += 1
+            else:
+                decisions.append("dropped")
+        elif score >= args.forget_threshold:
+            decisions.append("forget")
+        elif score < args.retain_threshold:
+            decisions.append("retain")
+        else:
+            decisions.append("dropped")
+    return decisions
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    args = parse_args(argv)
+    setup_logging()
+    items = load_qa_jsonl(args.test_data)
+    if args.predict:
+        if not args.model_path:
+            raise UserError("--predict needs --model_path")
+        check_model_folder(args.model_path)
+        write_jsonl(args.user_out_path, [{"text": a} for a in predict_answers(args, args.test_data)])
+    answers = load_predictions(args.user_out_path)
+    if len(answers) != len(items):
+        raise UserError(f"{args.user_out_path} has {len(answers)} answers but {args.test_data} has "
+                        f"{len(items)} questions; they must be line-aligned")
+    raw = [line for line in Path(args.test_data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    decisions = split_items([it.name_key for it in items], [it.answer for it in items], answers, args)
+    forget = [line for line, d in zip(raw, decisions, strict=True) if d == "forget"]
+    retain = [line for line, d in zip(raw, decisions, strict=True) if d == "retain"]
+    if not forget:
+        raise UserError("no item reached --forget_threshold: nothing to forget; nothing was written")
+    for path, lines in ((args.forget_out_path, forget), (args.retain_out_path, retain)):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    counts = Counter((it.name_key.rsplit("_", 1)[0] if "_" in it.name_key else it.name_key, d)
+                     for it, d in zip(items, decisions, strict=True))
+    print(f"{'category':<20}{'forget':>8}{'retain':>8}{'dropped':>9}")
+    for cat in sorted({c for c, _ in counts}):
+        print(f"{cat:<20}{counts[cat, 'forget']:>8}{counts[cat, 'retain']:>8}{counts[cat, 'dropped']:>9}")
+    print(f"{len(forget)} forget -> {args.forget_out_path}; {len(retain)} retain -> {args.retain_out_path}")
+    return {"forget": len(forget), "retain": len(retain), "dropped": decisions.count("dropped")}
+
+
+if __name__ == "__main__":
+    run_cli(main)

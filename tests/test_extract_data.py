@@ -1,0 +1,61 @@
+"""extract_data.py on a hand-made file."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_script
+
+import extract_data
+from utils.utils import write_jsonl
+
+
+def conv(q: str, a: str, key: str) -> dict:
+    return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "name_key": key}
+
+
+def test_split_by_rouge_with_keep_prefixes(tmp_path, capsys):
+    """ROUGE-L of each answer vs gold: 1.0 → forget; 0.75 → forget; 0.4 (between) → dropped; 0 → retain;
+    choice items (keep prefix) never go to forget: 1.0 > 0.8 → dropped, 0 → retain (one allowed by max_keep)."""
+    rows = [conv("Q1", "a b c d", "privacy_1"), conv("Q2", "a b c d", "privacy_2"),
+            conv("Q3", "a b c d e", "privacy_3"), conv("Q4", "a b c d", "privacy_4"),
+            conv("Q5", "【答案】A", "choice_1"), conv("Q6", "x y", "choice_2"), conv("Q7", "z w", "choice_3")]
+    answers = ["a b c d", "a c d e", "a b q r s", "p q r s", "【答案】A", "nothing", "nada"]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "pred.jsonl", [{"text": a} for a in answers])
+    counts = extract_data.main(["--test_data", str(tmp_path / "train.jsonl"), "--user_out_path",
+                                str(tmp_path / "pred.jsonl"), "--forget_out_path", str(tmp_path / "f.jsonl"),
+                                "--retain_out_path", str(tmp_path / "r.jsonl"), "--keep_prefixes", "choice",
+                                "--max_keep", "1"])
+    forget = [json.loads(line)["name_key"] for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    retain = [json.loads(line)["name_key"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert forget == ["privacy_1", "privacy_2"]
+    assert retain == ["privacy_4", "choice_2"]
+    assert counts == {"forget": 2, "retain": 2, "dropped": 3}
+    # lines are copied verbatim
+    source = (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert (tmp_path / "f.jsonl").read_text(encoding="utf-8").splitlines() == source[:2]
+    out = capsys.readouterr().out
+    assert "privacy" in out and "choice" in out
+
+
+def test_extract_predicts_first_with_the_model(target, tmp_path):
+    """--predict runs predict_demo's code path: the target model memorised its forget set, so all of it is
+    forget (ROUGE-L 1.0)."""
+    counts = extract_data.main(["--test_data", str(target["forget"]), "--user_out_path", str(tmp_path / "p.jsonl"),
+                                "--forget_out_path", str(tmp_path / "f.jsonl"),
+                                "--retain_out_path", str(tmp_path / "r.jsonl"), "--predict", "--model_path",
+                                str(target["model"]), "--model_type", "tiny", "--max_new_tokens", "40",
+                                "--backend", "transformers"])
+    assert counts["forget"] == 16
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 16
+
+
+def test_extract_rejects_misaligned_answers(tmp_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl", [conv("Q", "A", "privacy_1")] * 2)
+    write_jsonl(tmp_path / "pred.jsonl", [{"text": "A"}])
+    code, err = run_script(extract_data, ["--test_data", str(tmp_path / "train.jsonl"), "--user_out_path",
+                                          str(tmp_path / "pred.jsonl"), "--forget_out_path", str(tmp_path / "f.jsonl"),
+                                          "--retain_out_path", str(tmp_path / "r.jsonl")], capsys)
+    assert code == 2 and "has 1 answers" in err
+    assert not (tmp_path / "f.jsonl").exists()

