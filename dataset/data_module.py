@@ -170,6 +170,7 @@ def encode_qa(
             break
         n_prompt = i + 1
     ids = ids[:max_length]
+    n_text = len(ids)
     if len(ids) < max_length and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     if len(ids) <= n_prompt:
@@ -177,7 +178,23 @@ def encode_qa(
     labels = list(ids)
     if mask:
         labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "n_text": n_text}
+
+
+def pad_like_original(sample: dict, max_length: int, eos_id: int, labels_are_ids: bool) -> dict:
+    """Pad a sample to ``max_length`` with EOS the way the original scripts did (``--pad_to_max_length``).
+
+    Inputs: the text tokens, then EOS up to ``max_length``; the attention mask is 1 on the text tokens
+    only (0 on every EOS, the first included). Labels: with ``labels_are_ids`` (the forget part with
+    ``--mask false``) the padded ids themselves, EOS padding included, so a loss averages over padding
+    too; otherwise the sample's labels (question masked, answer, one EOS) followed by ``IGNORE_INDEX``.
+    """
+    ids = sample["input_ids"]
+    pad = max_length - len(ids)
+    padded = ids + [eos_id] * pad
+    attention = [1] * sample["n_text"] + [0] * (max_length - sample["n_text"])
+    labels = list(padded) if labels_are_ids else sample["labels"] + [IGNORE_INDEX] * pad
+    return {"input_ids": padded, "labels": labels, "attention_mask": attention, "n_text": sample["n_text"]}
 
 
 # --------------------------------------------------------------------------- pairing and datasets
@@ -204,6 +221,8 @@ class ForgetRetainDataset(Dataset):
     ``mask``), ``retain`` (paired retain Q + answer, question always masked) and, with ``idk_lines``,
     ``forget_idk`` (forget Q + a refusal) and ``retain_idk`` (retain Q + the same refusal). Samples are
     tokenised once here. Items whose answer is cut away by ``max_length`` are dropped with a warning.
+    With ``pad_to_max_length`` every sample is padded as the original scripts padded it
+    (:func:`pad_like_original`).
     """
 
     def __init__(
@@ -216,6 +235,7 @@ class ForgetRetainDataset(Dataset):
         mask: bool = False,
         idk_lines: Sequence[str] | None = None,
         names: tuple[str, str] = ("forget", "retain"),
+        pad_to_max_length: bool = False,
     ) -> None:
         if not forget:
             raise UserError(f"the {names[0]} set is empty")
@@ -263,6 +283,13 @@ class ForgetRetainDataset(Dataset):
             self.items.append(item)
         if not self.items:
             raise UserError("no training items left after truncation; raise --max_length")
+        if pad_to_max_length:
+            eos = tokenizer.eos_token_id
+            self.items = [
+                {part: pad_like_original(sample, max_length, eos, labels_are_ids=(part == "forget" and not mask))
+                 for part, sample in item.items()}
+                for item in self.items
+            ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -282,7 +309,8 @@ class ForgetRetainCollator:
     """Pad every named part of a batch to its longest sample (or to ``pad_to_length``).
 
     Padding uses ``pad_token_id`` for inputs and ``IGNORE_INDEX`` for labels; the attention mask is built
-    from the real lengths, so a pad token that equals EOS is still attended where it is real.
+    from the real lengths, so a pad token that equals EOS is still attended where it is real. A sample
+    that brings its own ``attention_mask`` (``--pad_to_max_length``) keeps it.
     """
 
     def __init__(self, pad_token_id: int, pad_to_length: int | None = None) -> None:
@@ -301,6 +329,6 @@ class ForgetRetainCollator:
             for row, (sample, n) in enumerate(zip(samples, lengths, strict=True)):
                 input_ids[row, :n] = torch.tensor(sample["input_ids"])
                 labels[row, :n] = torch.tensor(sample["labels"])
-                attention[row, :n] = 1
+                attention[row, :n] = torch.tensor(sample["attention_mask"]) if "attention_mask" in sample else 1
             batch[part] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         return batch

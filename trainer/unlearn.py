@@ -60,7 +60,8 @@ def build_dataset(args: argparse.Namespace, tokenizer, template) -> ForgetRetain
     forget = load_qa_jsonl(args.forget_data_path)
     retain = load_qa_jsonl(args.retain_data_path)
     idk = load_lines(args.idk_data_path) if needs_idk(args.loss_type) else None
-    return ForgetRetainDataset(forget, retain, tokenizer, template, args.max_length, mask=args.mask, idk_lines=idk)
+    return ForgetRetainDataset(forget, retain, tokenizer, template, args.max_length, mask=args.mask, idk_lines=idk,
+                               pad_to_max_length=args.pad_to_max_length)
 
 
 def validate(args: argparse.Namespace) -> tuple[Path, object]:

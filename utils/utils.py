@@ -258,6 +258,9 @@ def add_unlearn_args(
                       help="refusal sentences, one a line (losses with IDK/DPO/AP parts)")
     data.add_argument("--max_length", type=int, default=max_length, help="token limit of each formatted sample")
     bool_arg(data, "--mask", False, "mask the forget question's labels (retain questions are always masked)")
+    bool_arg(data, "--pad_to_max_length", False,
+             "reproduce the original scripts: pad every sample to --max_length with EOS, and with --mask false "
+             "use the padded ids (EOS padding included) as forget labels")
 
     loss = parser.add_argument_group("objective")
     loss.add_argument("--loss_type", default=loss_type, choices=loss_choices, help="forget(+retain) objective")

@@ -174,3 +174,41 @@ def test_collator_pads_to_longest_with_real_attention():
     assert batch["retain"]["input_ids"].shape == (2, 2)
     padded = ForgetRetainCollator(pad_token_id=eos, pad_to_length=5)(batch_items)
     assert padded["retain"]["input_ids"].shape == (2, 5)
+
+
+# --------------------------------------------------------------------------- --pad_to_max_length (original semantics)
+
+
+def test_padded_sample_layout_like_the_original(tokenizer, template):
+    """Forget with --mask false: inputs = text + EOS x pad, labels = the padded ids themselves; retain: question
+    masked, answer, one EOS label, then -100; attention 1 on the text tokens only."""
+    from dataset.data_module import pad_like_original
+
+    eos, L = tokenizer.eos_token_id, 64
+    sample = encode_qa(tokenizer, template, "Where does Li Wei live?", "At 12 River Road.", L, mask=True)
+    n_text, n_prompt = sample["n_text"], sample["labels"].count(IGNORE_INDEX)
+    assert len(sample["input_ids"]) == n_text + 1  # the EOS appended after the answer
+
+    retain = pad_like_original(sample, L, eos, labels_are_ids=False)
+    assert len(retain["input_ids"]) == len(retain["labels"]) == len(retain["attention_mask"]) == L
+    assert retain["input_ids"][n_text:] == [eos] * (L - n_text)
+    assert retain["attention_mask"] == [1] * n_text + [0] * (L - n_text)
+    assert retain["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert retain["labels"][n_prompt:n_text + 1] == sample["input_ids"][n_prompt:]  # answer, then one EOS
+    assert retain["labels"][n_text] == eos and retain["labels"][n_text + 1:] == [IGNORE_INDEX] * (L - 1 - n_text)
+
+    unmasked = encode_qa(tokenizer, template, "Where does Li Wei live?", "At 12 River Road.", L, mask=False)
+    forget = pad_like_original(unmasked, L, eos, labels_are_ids=True)
+    assert forget["labels"] == forget["input_ids"]  # EOS padding included in the labels
+    assert forget["attention_mask"] == retain["attention_mask"]
+
+
+def test_dataset_and_collator_in_padded_mode(tokenizer, template):
+    ds = ForgetRetainDataset(items(3, "forget"), items(4, "retain"), tokenizer, template, 48, mask=False,
+                             pad_to_max_length=True)
+    batch = ForgetRetainCollator(tokenizer.eos_token_id, pad_to_length=48)([ds[0], ds[1]])
+    forget, retain = batch["forget"], batch["retain"]
+    assert forget["input_ids"].shape == retain["input_ids"].shape == (2, 48)
+    assert torch.equal(forget["labels"], forget["input_ids"])
+    assert (retain["labels"] != IGNORE_INDEX).sum() < (retain["attention_mask"] == 1).sum() + 2
+    assert forget["attention_mask"][0].tolist() == ds[0]["forget"]["attention_mask"]

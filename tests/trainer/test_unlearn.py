@@ -203,3 +203,19 @@ def test_idk_ap_turns_forget_answers_into_refusals(target, before, tmp_path):
     assert refusals >= 12
     assert forget_rouge < 0.2
     assert retain_rouge > 0.5
+
+
+# --------------------------------------------------------------------------- --pad_to_max_length
+
+
+def test_original_padding_changes_me_but_not_gd(target, tmp_path):
+    """Same seed, same first batch: ME over padded labels (original) differs from ME over real tokens (ours),
+    while GD, whose labels are the same tokens in both modes, is equal."""
+    def first_row(*extra: str) -> dict:
+        final = forget_me_gd.main(base_args(target, tmp_path / str(len(extra)), "--num_epochs", "1", "--bs", "4",
+                                            "--max_length", "96", *extra))
+        return json.loads((final.parent / "train_log.jsonl").read_text().splitlines()[0])
+
+    ours, original = first_row(), first_row("--pad_to_max_length")
+    assert ours["retain_loss"] == pytest.approx(original["retain_loss"], rel=1e-4)
+    assert abs(ours["forget_loss"] - original["forget_loss"]) > 0.05 * abs(ours["forget_loss"])
