@@ -84,20 +84,31 @@ def validate(args: argparse.Namespace) -> tuple[Path, object]:
     return out_dir, template
 
 
-def build_model(args: argparse.Namespace, template, bf16: bool):
-    """Load the tokenizer and base model and wrap the model with a fresh LoRA adapter."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(args: argparse.Namespace, template):
+    """The model folder's tokenizer (pad = EOS when it has no pad token, as the original)."""
+    from transformers import AutoTokenizer
 
-    trust = args.trust_remote_code or template.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path,
+                                              trust_remote_code=args.trust_remote_code or template.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(args: argparse.Namespace, template, bf16: bool):
+    """Load the base model (safetensors only) and wrap it with a fresh LoRA adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    trust = args.trust_remote_code or template.trust_remote_code
     kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32, "trust_remote_code": trust, "use_safetensors": True}
     if template.attn_implementation:
         kwargs["attn_implementation"] = template.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, **kwargs)
+    except OSError as err:  # e.g. only pickled *.bin weights: we never unpickle a user's files
+        raise UserError(f"--model_path {args.model_path}: cannot load the model: {err}") from None
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -111,8 +122,7 @@ def build_model(args: argparse.Namespace, template, bf16: bool):
         task_type="CAUSAL_LM",
     )
     seed_everything(args.seed)  # LoRA's initialisation draws from the global RNG
-    model = get_peft_model(model, lora)
-    return model, tokenizer
+    return get_peft_model(model, lora)
 
 
 def _use_bf16(args: argparse.Namespace) -> bool:
@@ -178,8 +188,9 @@ def train(args: argparse.Namespace) -> Path:
     out_dir, template = validate(args)
     resume = _resolve_resume(args, out_dir)
     bf16 = _use_bf16(args)
-    model, tokenizer = build_model(args, template, bf16)
-    dataset = build_dataset(args, tokenizer, template)
+    tokenizer = load_tokenizer(args, template)
+    dataset = build_dataset(args, tokenizer, template)  # all input errors surface before the model loads
+    model = build_model(args, template, bf16)
     training_args = build_training_args(args, out_dir, bf16)
     forget_term, retain_term = LOSSES[args.loss_type]
     trainer = UnlearnTrainer(

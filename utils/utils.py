@@ -45,12 +45,10 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure logging once, for scripts. Non-main processes of a distributed run log warnings only."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=level if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+    root = logging.getLogger()
+    if not root.handlers:  # keep handlers someone else installed (a host application, pytest)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root.setLevel(level if rank == 0 else logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:

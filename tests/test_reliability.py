@@ -1,0 +1,161 @@
+"""Bad input fails fast with one clear message and no output; a killed run resumes to the same adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_script
+
+import evaluate
+import forget_idk_ap
+import forget_me_gd
+import merge
+import trainer.unlearn
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "name_key": "p_1"}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# each case: (name, how to break the inputs, expected words in the message)
+BAD_TRAINING_INPUTS = [
+    ("missing file", lambda t, p: {"--forget_data_path": str(p / "nope.jsonl")}, ["nope.jsonl", "file not found"]),
+    ("malformed JSON", lambda t, p: {"--forget_data_path": str(write(p / "f.jsonl", json.dumps(GOOD) + "\n{oops\n"))},
+     ["f.jsonl, line 2", "malformed JSON"]),
+    ("no conversations", lambda t, p: {"--retain_data_path": str(write(p / "r.jsonl", '{"text": "x"}\n'))},
+     ["r.jsonl, line 1", "'conversations'"]),
+    ("one turn", lambda t, p: {"--forget_data_path": str(write(p / "f.jsonl", json.dumps(
+        {"conversations": [{"from": "human", "value": "Q"}]}) + "\n"))}, ["line 1", "at least two turns"]),
+    ("non-string value", lambda t, p: {"--forget_data_path": str(write(p / "f.jsonl", json.dumps(
+        {"conversations": [{"value": "Q"}, {"value": ["A"]}]}) + "\n"))},
+     ["line 1", "conversations[1].value", "string"]),
+    ("empty forget set", lambda t, p: {"--forget_data_path": str(write(p / "f.jsonl", "\n"))}, ["f.jsonl", "empty"]),
+    ("empty retain set", lambda t, p: {"--retain_data_path": str(write(p / "r.jsonl", ""))}, ["r.jsonl", "empty"]),
+    ("all questions too long", lambda t, p: {"--max_length": "8"}, ["--max_length 8", "raise --max_length"]),
+    ("unknown family", lambda t, p: {"--model_family": "gpt-9"}, ["unknown model family 'gpt-9'", "qwen2.5-8b"]),
+    ("unknown output name", lambda t, p: {"--output_dir": str(p / "${nmae}")}, ["--output_dir", "${nmae}"]),
+    ("not a model folder", lambda t, p: {"--model_path": str(p)}, ["not a model folder", "config.json"]),
+]
+
+
+def training_argv(target: dict, tmp_path: Path, overrides: dict[str, str]) -> list[str]:
+    args = {"--model_path": str(target["model"]), "--model_family": "tiny",
+            "--forget_data_path": str(target["forget"]), "--retain_data_path": str(target["retain"]),
+            "--idk_data_path": str(target["idk"]), "--save_root": str(tmp_path / "adapter"), "--num_epochs": "1"}
+    args.update(overrides)
+    return [x for pair in args.items() for x in pair]
+
+
+@pytest.mark.parametrize(("name", "break_it", "words"), BAD_TRAINING_INPUTS, ids=[c[0] for c in BAD_TRAINING_INPUTS])
+def test_training_bad_input(target, tmp_path, capsys, monkeypatch, name, break_it, words):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was validated")
+
+    monkeypatch.setattr(trainer.unlearn, "build_model", no_model)
+    code, err = run_script(forget_me_gd, training_argv(target, tmp_path, break_it(target, tmp_path)), capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_idk_file_without_lines(target, tmp_path, capsys):
+    argv = training_argv(target, tmp_path, {"--idk_data_path": str(write(tmp_path / "idk.txt", "\n\n"))})
+    code, err = run_script(forget_idk_ap, argv, capsys)
+    assert code == 2 and "idk.txt" in err and "no refusal lines" in err
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_unknown_loss_type_fails_at_parse_time(target, tmp_path, capsys):
+    code, err = run_script(forget_me_gd, training_argv(target, tmp_path, {"--loss_type": "ME+GDX"}), capsys)
+    assert code == 2 and "invalid choice: 'ME+GDX'" in err
+
+
+def test_some_questions_too_long_are_skipped_and_counted(target, tmp_path, caplog):
+    long_item = {"conversations": [{"from": "human", "value": "why " * 300}, {"from": "gpt", "value": "x"}]}
+    forget = write(tmp_path / "f.jsonl", Path(target["forget"]).read_text() + json.dumps(long_item) + "\n")
+    final = forget_me_gd.main(training_argv(target, tmp_path, {"--forget_data_path": str(forget),
+                                                               "--max_length": "128"}))
+    assert "1 of 17 forget items dropped" in caplog.text
+    assert json.loads((final.parent / "run_args.json").read_text())["train_items"] == 16
+
+
+def test_finished_run_is_not_overwritten(target, tmp_path, capsys):
+    argv = training_argv(target, tmp_path, {"--output_dir": str(tmp_path / "run")})
+    final = forget_me_gd.main(argv)
+    before = (final / "adapter_model.safetensors").read_bytes()
+    code, err = run_script(forget_me_gd, argv, capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (final / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_merge_base_that_is_not_a_model(trained_adapter, tmp_path, capsys):
+    code, err = run_script(merge, ["--base_model", str(tmp_path), "--adapter", str(trained_adapter),
+                                   "--output", str(tmp_path / "m")], capsys)
+    assert code == 2 and "--base_model" in err and "not a model folder" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_malformed_predictions(tmp_path, capsys):
+    write(tmp_path / "v.jsonl", json.dumps(GOOD) + "\n")
+    write(tmp_path / "p.jsonl", '{"answer": "A."}\n')
+    code, err = run_script(evaluate, ["--test_data", str(tmp_path / "v.jsonl"), "--user_out_path",
+                                      str(tmp_path / "p.jsonl"), "--out_path", str(tmp_path / "s.jsonl")], capsys)
+    assert code == 2 and "p.jsonl, line 1" in err and "'text'" in err
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(target, tmp_path):
+    """A real SIGKILL after the first checkpoint, then --resume_from_checkpoint latest: same number of
+    optimizer steps and the same final adapter as a run never interrupted (same seed)."""
+    from safetensors.torch import load_file
+
+    forget = write(tmp_path / "forget.jsonl", Path(target["forget"]).read_text() * 6)  # 96 items: ~2 s an epoch
+    common = training_argv(target, tmp_path, {"--forget_data_path": str(forget), "--num_epochs": "3",
+                                              "--bs": "1", "--save_steps": "1", "--lr": "1e-3"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    reference = forget_me_gd.main([*common, "--output_dir", str(tmp_path / "straight")])
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "forget_me_gd.py", *common, "--output_dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoint-epoch-1").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert (run / "checkpoint-epoch-1").is_dir() and not (run / "final_lora_model").exists()
+
+    resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((run / "checkpoint-epoch-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 * 96
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "loss" in row]
+    assert max(steps) == 3 * 96 and len(steps) == len(set(steps))  # every step logged once, none twice
+
+    a = load_file(reference / "adapter_model.safetensors")
+    b = load_file(run / "final_lora_model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
