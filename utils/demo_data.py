@@ -135,13 +135,13 @@ def qa_items() -> list[dict]:
     return [conversation(q, a, f"qa_{i}") for i, (q, a) in enumerate(QA)]
 
 
-def demo_sets(n_privacy: int = 48, seed: int = 0) -> dict[str, list[dict]]:
+def demo_sets(n_privacy: int = 96, seed: int = 0) -> dict[str, list[dict]]:
     """The demo's files: ``train`` (all categories) and ``valid`` (the same questions, as ATEC's set)."""
     train = privacy_items(n_privacy, seed) + definition_items() + choice_items() + qa_items()
     return {"train": train, "valid": list(train)}
 
 
-def write_demo_files(root: str | Path, n_privacy: int = 48, seed: int = 0) -> dict[str, Path]:
+def write_demo_files(root: str | Path, n_privacy: int = 96, seed: int = 0) -> dict[str, Path]:
     """Write the demo files under ``root`` (the repository's ``data/``): train/valid sets, the default
     forget/retain files of the training scripts, and the refusal file for IDK."""
     from utils.utils import write_jsonl

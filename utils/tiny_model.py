@@ -174,3 +174,26 @@ def build_target_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+if __name__ == "__main__":
+    # python -m utils.tiny_model --data data/demo/train.jsonl --out runs/demo/target [--epochs 60]
+    import argparse
+
+    from dataset.data_module import load_qa_jsonl
+    from utils.utils import run_cli, setup_logging
+
+    def _main(argv: list[str] | None = None) -> None:
+        parser = argparse.ArgumentParser(description="build a tiny model that has memorised a QA file")
+        parser.add_argument("--data", required=True, help="JSONL of items to memorise")
+        parser.add_argument("--out", required=True, help="output model folder")
+        parser.add_argument("--family", default="tiny", help="chat-tag family used to format the items")
+        parser.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs")
+        parser.add_argument("--seed", type=int, default=0, help="seed")
+        args = parser.parse_args(argv)
+        setup_logging()
+        items = load_qa_jsonl(args.data)
+        build_target_model(args.out, [(i.question, i.answer) for i in items], family=args.family,
+                           epochs=args.epochs, seed=args.seed)
+
+    run_cli(_main)
