@@ -22,7 +22,7 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 # Tokens per chunk in the ME loss: bounds the float32 temporaries to chunk x V at a time.
-ME_CHUNK_TOKENS = 1024
+ME_CHUNK_TOKENS = 256
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -30,22 +30,22 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the last logit and the first label so position t predicts label t + 1."""
-    return logits[:, :-1, :], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels moved one step left (``IGNORE_INDEX`` at the end): position t of the logits predicts label t + 1.
+
+    Shifting the labels rather than slicing the logits keeps the logits a contiguous view: slicing them
+    would copy ``B x T x V`` values forward and fill a zero ``B x T x V`` gradient backward.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
 
 
 def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL (0 where ignored) and the mask of counted tokens, both ``(B, T-1)``."""
-    logits, labels = _shift(logits, labels)
-    mask = labels != IGNORE_INDEX
+    """Per-token NLL (0 where ignored) and the mask of counted tokens, both ``(B, T)``."""
+    target = shift_labels(labels)
     nll = F.cross_entropy(
-        _upcast(logits.reshape(-1, logits.size(-1))),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(labels.shape)
-    return nll, mask
+        _upcast(logits.reshape(-1, logits.size(-1))), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(target.shape)
+    return nll, target != IGNORE_INDEX
 
 
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,25 +65,52 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(dim=-1)
 
 
+class _MaxEntropy(torch.autograd.Function):
+    """Mean over counted positions of ``logsumexp(z) - mean(z)``, in chunks of positions.
+
+    Forward keeps no copy of the logits; backward writes ``(softmax(z) - 1/V) / N`` straight into one
+    gradient tensor (the one autograd needs anyway), chunk by chunk, so the only ``x V`` temporaries are
+    ``ME_CHUNK_TOKENS x V``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, V), (B, T)
+        flat = logits.reshape(-1, logits.size(-1))  # a view: logits are contiguous
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
+            z = _upcast(flat.index_select(0, rows[start : start + ME_CHUNK_TOKENS]))
+            total += (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).sum(dtype=torch.float64)
+        ctx.save_for_backward(logits, rows)
+        return (total / rows.numel()).to(_upcast(logits[:0]).dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, rows = ctx.saved_tensors
+        vocab = logits.size(-1)
+        grad = torch.zeros_like(logits)
+        flat_grad = grad.view(-1, vocab)
+        flat = logits.reshape(-1, vocab)
+        scale = grad_out / rows.numel()
+        for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
+            idx = rows[start : start + ME_CHUNK_TOKENS]
+            probs = torch.softmax(_upcast(flat.index_select(0, idx)), dim=-1)
+            flat_grad.index_copy_(0, idx, ((probs - 1.0 / vocab) * scale).to(grad.dtype))
+        return grad, None
+
+
 def me_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Maximum entropy: KL(uniform || softmax(logits)) averaged over counted tokens.
 
     In closed form, per position with logits ``z`` over ``V`` classes:
     ``KL(u || p) = sum_v (1/V)(log(1/V) - log p_v) = logsumexp(z) - mean(z) - log V``.
-    Only the counted positions are gathered, and they are processed ``ME_CHUNK_TOKENS`` at a time,
-    so no uniform tensor, softmax copy or extra ``B x T x V`` tensor is built.
+    No uniform tensor, softmax copy or extra ``B x T x V`` tensor is built: positions are processed
+    ``ME_CHUNK_TOKENS`` at a time (see ``_MaxEntropy``).
     """
-    logits, labels = _shift(logits, labels)
-    mask = labels != IGNORE_INDEX
-    picked = logits[mask]  # (N, V), only counted positions
-    n, vocab = picked.shape
-    if n == 0:
+    mask = shift_labels(labels) != IGNORE_INDEX
+    if not mask.any():
         return logits.sum() * 0.0
-    total = _upcast(logits.new_zeros(()))
-    for start in range(0, n, ME_CHUNK_TOKENS):
-        z = _upcast(picked[start : start + ME_CHUNK_TOKENS])
-        total = total + (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).sum()
-    return total / n - math.log(vocab)
+    return _MaxEntropy.apply(logits.contiguous(), mask) - math.log(logits.size(-1))
 
 
 def ap_loss(
@@ -128,9 +155,7 @@ def dpo_loss(
 
 def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """KL(ref || current) of the next-token distributions, averaged over counted tokens."""
-    logits, labels = _shift(logits, labels)
-    ref_logits = ref_logits[:, :-1, :]
-    mask = labels != IGNORE_INDEX
+    mask = shift_labels(labels) != IGNORE_INDEX
     if not mask.any():
         return logits.sum() * 0.0
     logp = F.log_softmax(_upcast(logits[mask]), dim=-1)  # (N, V)

@@ -75,6 +75,12 @@ def validate(args: argparse.Namespace) -> tuple[Path, object]:
     for flag in ("max_length", "num_epochs", "bs", "lora_r"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if args.eval_tofu:
+        from utils.tofu_eval import load_log, set_paths
+
+        set_paths(args)
+        if args.tofu_retain_result:
+            load_log(args.tofu_retain_result, "--tofu_retain_result")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup_ratio must be in [0, 1)")
     out_dir = resolve_output_dir(args)
@@ -156,6 +162,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
         logging_steps=args.logging_steps,
         save_strategy="no",  # checkpoints every --save_steps epochs come from EpochCheckpointCallback
         seed=args.seed,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         bf16=bf16,
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
@@ -220,7 +227,22 @@ def train(args: argparse.Namespace) -> Path:
     logger.info("training %s on %d forget items for %d epochs -> %s", args.loss_type, len(dataset), args.num_epochs,
                 out_dir)
     trainer.train(resume_from_checkpoint=resume)
-    return save_final(trainer, out_dir)
+    final = save_final(trainer, out_dir)
+    if args.eval_tofu:
+        evaluate_on_tofu(args, trainer, tokenizer, template, out_dir)
+    return final
+
+
+def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out_dir: Path) -> None:
+    """``--eval_tofu``: TOFU logs and summary of the trained model in ``<run>/tofu_eval`` (main process)."""
+    from utils.tofu_eval import format_table, run_evaluation, set_paths
+
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        stats = run_evaluation(model, tokenizer, template, set_paths(args), out_dir / "tofu_eval",
+                               args.tofu_retain_result, args.ds_size, args.tofu_batch_size)
+        logger.info("TOFU evaluation (%s):\n%s", out_dir / "tofu_eval", format_table(stats))
+    trainer.accelerator.wait_for_everyone()
 
 
 def save_final(trainer, out_dir: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from trainer.losses import LossTerm, PartOutput
+from trainer.losses import IGNORE_INDEX, LossTerm, PartOutput
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class UnlearnTrainer(Trainer):
         forget_coeff: float = 1.0,
         retain_coeff: float = 1.0,
         beta: float = 0.1,
+        skip_unlabelled_logits: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -51,24 +53,61 @@ class UnlearnTrainer(Trainer):
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
+        forward = self.accelerator.unwrap_model(self.model).get_base_model().forward
+        self.skip_unlabelled_logits = skip_unlabelled_logits and "logits_to_keep" in inspect.signature(
+            forward).parameters
+
+    # ------------------------------------------------------------------ data order
+
+    def _get_train_sampler(self, train_dataset=None):
+        """``--group_by_length``: batches of similar total length (less padding), from the dataset's own
+        lengths (items are dicts of parts, which the stock sampler cannot measure)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        dataset=dataset, lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------ loss
 
-    def _forward(self, model, part: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+    def _kept_positions(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Positions whose logits some loss reads, and the labels re-aligned to them.
 
-    def _reference_logits(self, model, part: dict[str, torch.Tensor]) -> torch.Tensor:
+        Position p is needed when some row has a label at p + 1. The output head (``hidden x vocab`` per
+        position, the largest matmul of a small model) then runs only there: masked questions and padding
+        cost nothing. The last position is kept as the shift's spare, so the kept logits and the
+        re-aligned labels keep the losses' convention (logit j predicts label j + 1).
+        """
+        if not self.skip_unlabelled_logits:
+            return None, labels
+        needed = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
+        length = labels.size(1)
+        if needed.numel() + 1 >= length:
+            return None, labels
+        keep = torch.cat([needed, needed.new_tensor([length - 1])])
+        spare = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
+        return keep, torch.cat([spare, labels[:, needed + 1]], dim=1)
+
+    @staticmethod
+    def _forward(model, part: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
+        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+
+    def _reference_logits(self, model, part: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
         """Logits of the base model: the same weights with the LoRA adapter switched off."""
         peft_model = self.accelerator.unwrap_model(model)
         with torch.no_grad(), peft_model.disable_adapter():
-            return self._forward(peft_model, part)
+            return self._forward(peft_model, part, keep)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = {}
         for name in self.parts:
             part = inputs[name]
-            ref = self._reference_logits(model, part) if name in self.ref_parts else None
-            outputs[name] = PartOutput(self._forward(model, part), part["labels"], ref)
+            keep, labels = self._kept_positions(part["labels"])
+            ref = self._reference_logits(model, part, keep) if name in self.ref_parts else None
+            outputs[name] = PartOutput(self._forward(model, part, keep), labels, ref)
         forget = self.forget_term.compute(outputs, self.beta)
         loss = self.forget_coeff * forget
         components = {"forget_loss": forget.detach()}

@@ -79,17 +79,26 @@ def _torch_dtype(name: str):
 
 def _generate_transformers(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=_torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code, use_safetensors=True
     ).to(device).eval()
+    return generate_with_model(model, tokenizer, prompts, config)
+
+
+def generate_with_model(model, tokenizer, prompts: Sequence[str], config: GenerationConfig,
+                        max_length: int | None = None) -> list[str]:
+    """Batched generation with a loaded model (left padding, prompts of similar length batched together).
+
+    ``max_length`` (prompt + answer, as TOFU's evaluation sets it) replaces ``config.max_new_tokens``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = {tokenizer.eos_token_id}
     gen_eos = model.generation_config.eos_token_id
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
@@ -100,17 +109,20 @@ def _generate_transformers(model_path: str, prompts: list[str], config: Generati
     sampling = config.temperature > 0
     if sampling:
         torch.manual_seed(config.seed)
+    length = {"max_length": max_length} if max_length else {"max_new_tokens": config.max_new_tokens}
     for start in tqdm(range(0, len(order), config.batch_size), desc="generate", unit="batch"):
         idx = order[start : start + config.batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
+        attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
         with torch.no_grad():
             out = model.generate(
-                **batch, max_new_tokens=config.max_new_tokens, do_sample=sampling,
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), do_sample=sampling,
                 temperature=config.temperature if sampling else None, top_p=config.top_p if sampling else None,
-                top_k=None, eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id,
+                top_k=None, eos_token_id=sorted(eos), pad_token_id=pad_id, **length,
             )
         for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
     return answers
 
 

@@ -282,6 +282,7 @@ def add_unlearn_args(
     train.add_argument("--save_steps", type=int, default=10, help="save a resumable checkpoint every N epochs")
     bool_arg(train, "--bf16", None, "bfloat16 (default: on when a CUDA GPU supports it)")
     bool_arg(train, "--gradient_checkpointing", False, "recompute activations to save memory")
+    bool_arg(train, "--group_by_length", False, "batch items of similar length together (less padding, bs > 1)")
     train.add_argument("--report_to", default="none", help="none, tensorboard, wandb or swanlab (when installed)")
 
     lora = parser.add_argument_group("LoRA")
@@ -299,3 +300,11 @@ def add_unlearn_args(
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="a checkpoint folder, or 'latest' for the newest checkpoint-epoch-N of the run")
     bool_arg(out, "--overwrite", False, "replace a finished run folder's final adapter")
+
+    from utils.tofu_eval import add_tofu_set_args
+
+    bool_arg(parser, "--eval_tofu", False, "after training, evaluate on TOFU (the four --*_path sets below) and "
+                                           "write the summary to <run>/tofu_eval/")
+    parser.add_argument("--tofu_retain_result", default=None,
+                        help="--eval_tofu: a retain-only model's eval_log_aggregated.json, for forget quality")
+    add_tofu_set_args(parser)

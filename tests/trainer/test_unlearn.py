@@ -120,8 +120,14 @@ def test_seed_command_line_runs_with_python(target, tmp_path):
 def test_accelerate_launch_two_processes(target, tmp_path):
     """Two real gloo processes (world size 2): the loader is sharded, so 16 items / (2 x bs 2) = 4 optimizer
     steps an epoch, and one adapter is written."""
+    import socket
+
+    with socket.socket() as sock:  # a free port: the default 29500 may be held by another run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "config/accelerate_cpu.yaml",
-           "forget_me_gd.py", *base_args(target, tmp_path, "--num_epochs", "2", "--bs", "2", "--lr", "1e-3")]
+           "--main_process_port", str(port), "forget_me_gd.py",
+           *base_args(target, tmp_path, "--num_epochs", "2", "--bs", "2", "--lr", "1e-3")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "adapter").iterdir())
@@ -219,3 +225,37 @@ def test_original_padding_changes_me_but_not_gd(target, tmp_path):
     ours, original = first_row(), first_row("--pad_to_max_length")
     assert ours["retain_loss"] == pytest.approx(original["retain_loss"], rel=1e-4)
     assert abs(ours["forget_loss"] - original["forget_loss"]) > 0.05 * abs(ours["forget_loss"])
+
+
+def test_group_by_length_reduces_padding(target, tmp_path):
+    """--group_by_length samples every item once per epoch, in batches of similar length."""
+    import argparse
+
+    import trainer.unlearn as unlearn
+    from trainer.losses import LOSSES
+    from trainer.unlearn_trainer import UnlearnTrainer
+    from utils.utils import add_unlearn_args
+
+    parser = argparse.ArgumentParser()
+    add_unlearn_args(parser, loss_type="ME+GD", max_length=400, forget_coeff=1.0, loss_choices=sorted(LOSSES))
+
+    forget = tmp_path / "forget.jsonl"  # 128 items: the sampler groups within megabatches of up to 50 batches
+    forget.write_text(Path(target["forget"]).read_text() * 8)
+
+    def padding_per_epoch(*extra: str) -> tuple[int, list[int]]:
+        args = parser.parse_args(base_args(target, tmp_path, "--bs", "4", "--forget_data_path", str(forget), *extra))
+        template = unlearn.load_chat_template("tiny")
+        tokenizer = unlearn.load_tokenizer(args, template)
+        dataset = unlearn.build_dataset(args, tokenizer, template)
+        trainer = UnlearnTrainer(model=unlearn.build_model(args, template, False),
+                                 args=unlearn.build_training_args(args, tmp_path / "run", False),
+                                 train_dataset=dataset, forget_term=LOSSES["ME+GD"][0], retain_term=None)
+        order = list(trainer._get_train_sampler())
+        lengths = dataset.lengths()
+        batches = [order[i:i + 4] for i in range(0, len(order), 4)]
+        return sum(max(lengths[j] for j in b) * len(b) - sum(lengths[j] for j in b) for b in batches), order
+
+    random_pad, _ = padding_per_epoch()
+    grouped_pad, order = padding_per_epoch("--group_by_length")
+    assert sorted(order) == list(range(128))
+    assert grouped_pad < random_pad

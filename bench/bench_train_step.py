@@ -1,0 +1,240 @@
+"""Benchmark an unlearning training step: ours against the original scripts' data path and ME loss.
+
+    python bench/bench_train_step.py                       # ME+GD, bs 4, max_length 400, vocab 151,936
+    python bench/bench_train_step.py --loss_type IDK+AP --steps 8
+    python bench/bench_train_step.py --model_path /models/Qwen2.5-0.5B --model_family qwen2.5-8b   # a real model
+
+Both paths run the same `UnlearnTrainer` (forward, loss, backward, clipping, AdamW on LoRA) for
+`--steps` timed optimizer steps after one warm-up step, each path in its own process (so peak memory
+is its own):
+
+- **ours**: batches padded to their longest sample, padding outside every loss, ME in closed form
+  (logsumexp - mean - log V) over counted positions in chunks;
+- **original**: every sample padded to `--max_length` with EOS (`--pad_to_max_length`: forget labels
+  are the padded ids), ME through softmax + a materialised uniform + element-wise `kl_div`.
+
+Prints tokens/s (real tokens: prompt + answer + one EOS per sample part), seconds/step, peak memory
+(RSS on CPU; `torch.cuda.max_memory_allocated` on GPU) and the first steps' losses, with ratios
+ours/original. By default the model is a random Qwen2-shaped one with Qwen's vocabulary size
+(151,936) and a small hidden size that fits a CPU; the text is TOFU's forget01 + retain90 from
+`../shared/data/tofu` when present, else the project's demo data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOFU = ROOT.parent / "shared" / "data" / "tofu"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_path", default=None, help="model folder (default: a random Qwen2-shaped model)")
+    parser.add_argument("--model_family", default="tiny", help="chat tags of the model")
+    parser.add_argument("--vocab_size", type=int, default=151936, help="vocabulary of the random model")
+    parser.add_argument("--hidden_size", type=int, default=256, help="hidden size of the random model")
+    parser.add_argument("--num_layers", type=int, default=2, help="layers of the random model")
+    parser.add_argument("--loss_type", default="ME+GD", choices=["ME+GD", "IDK+AP"], help="objective")
+    parser.add_argument("--bs", type=int, default=4, help="batch size")
+    parser.add_argument("--max_length", type=int, default=400, help="max_length (the original pads to it)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after one warm-up)")
+    parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--data", default="auto", help="'tofu', 'demo', or 'auto' (TOFU when present)")
+    parser.add_argument("--paths", default="original,ours", help="which paths to run, comma-separated")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 (GPU)")
+    parser.add_argument("--group_by_length", action="store_true", help="ours: batch items of similar length")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- set-up (parent process)
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> dict:
+    """Write the forget/retain/refusal files and (unless given) the random model; returns their paths."""
+    from utils.demo_data import REFUSALS
+    from utils.utils import write_jsonl
+
+    use_tofu = args.data == "tofu" or (args.data == "auto" and TOFU.is_dir())
+    if use_tofu:
+        forget = [json.loads(x) for x in (TOFU / "forget01.json").read_text().splitlines()]
+        forget = [{"question": r["question"], "answer": r["answer"]} for r in forget if r["task_id"] == "1"]
+        retain = [json.loads(x) for x in (TOFU / "retain90.json").read_text().splitlines()][:400]
+        refusals = [x for x in (TOFU / "idontknow.jsonl").read_text().splitlines() if x.strip()]
+    else:
+        forget = [json.loads(x) for x in (ROOT / "data/forget/forget.jsonl").read_text().splitlines()]
+        retain = [json.loads(x) for x in (ROOT / "data/retain/retain.jsonl").read_text().splitlines()]
+        refusals = REFUSALS
+    write_jsonl(workdir / "forget.jsonl", forget)
+    write_jsonl(workdir / "retain.jsonl", retain)
+    (workdir / "idk.txt").write_text("\n".join(refusals) + "\n")
+    model_path = args.model_path
+    if model_path is None:
+        from dataset.data_module import load_qa_jsonl
+        from utils.tiny_model import build_model, build_tokenizer
+
+        texts = [f"{i.question} {i.answer}" for p in ("forget", "retain")
+                 for i in load_qa_jsonl(workdir / f"{p}.jsonl")]
+        tokenizer = build_tokenizer(texts, vocab_size=4096)
+        model = build_model(tokenizer, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                            num_heads=max(1, args.hidden_size // 64))
+        # Qwen's vocabulary size: logits (and the output head) of realistic width
+        model.resize_token_embeddings(args.vocab_size, mean_resizing=False)
+        model_path = workdir / "model"
+        model.save_pretrained(model_path)
+        tokenizer.save_pretrained(model_path)
+    return {"data": "TOFU forget01 + retain90[:400]" if use_tofu else "demo data", "model": str(model_path)}
+
+
+# --------------------------------------------------------------------------- one path (worker process)
+
+
+def naive_me_loss(logits, labels):
+    """The original ME: softmax, a materialised uniform distribution, element-wise KL, masked mean."""
+    import torch
+    import torch.nn.functional as F
+
+    vocab = logits.shape[-1]
+    labels, logits = labels[:, 1:].clone(), logits[:, :-1, :]
+    soft = F.softmax(logits, dim=-1).view(-1, vocab)
+    uniform = torch.full_like(soft, 1.0 / vocab)
+    mask = (labels != -100).view(-1)
+    kl = F.kl_div((soft + 1e-12).log(), uniform, reduction="none").sum(-1)
+    return (kl * mask).sum() / mask.sum()
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    import trainer.unlearn as unlearn
+    from trainer.losses import LOSSES, LossTerm
+    from trainer.unlearn_trainer import UnlearnTrainer
+    from utils.utils import add_unlearn_args
+
+    torch.manual_seed(0)
+    workdir = Path(args.workdir)
+    original = args.worker == "original"
+    parser = argparse.ArgumentParser()
+    add_unlearn_args(parser, loss_type=args.loss_type, max_length=args.max_length, forget_coeff=1.0,
+                     loss_choices=sorted(LOSSES))
+    uargs = parser.parse_args([
+        "--model_path", args.model_path, "--model_family", args.model_family, "--loss_type", args.loss_type,
+        "--forget_data_path", str(workdir / "forget.jsonl"), "--retain_data_path", str(workdir / "retain.jsonl"),
+        "--idk_data_path", str(workdir / "idk.txt"), "--bs", str(args.bs), "--max_length", str(args.max_length),
+        "--lora_r", str(args.lora_r), "--lr", "1e-4", "--warmup_ratio", "0", "--lr_scheduler_type", "constant",
+        "--output_dir", str(workdir / f"run_{args.worker}"), "--overwrite", "--bf16", str(args.bf16).lower(),
+        "--lora_dropout", "0", *(["--pad_to_max_length"] if original else []),
+        *(["--group_by_length"] if args.group_by_length and not original else []),
+    ])
+    template = unlearn.load_chat_template(uargs.model_family)
+    tokenizer = unlearn.load_tokenizer(uargs, template)
+    dataset = unlearn.build_dataset(uargs, tokenizer, template)
+    model = unlearn.build_model(uargs, template, args.bf16)
+    training_args = unlearn.build_training_args(uargs, Path(uargs.output_dir.replace("${", "")), args.bf16)
+    training_args.max_steps = args.steps + 1
+    training_args.save_strategy = "no"
+    training_args.disable_tqdm = True
+    forget_term, retain_term = LOSSES[args.loss_type]
+    if original and args.loss_type == "ME+GD":
+        forget_term = LossTerm(("forget",), False, lambda o, b: naive_me_loss(o["forget"].logits, o["forget"].labels))
+
+    real_tokens: list[int] = []
+
+    def collate(items):
+        real_tokens.append(sum(s["n_text"] + 1 for item in items for s in item.values()))
+        return unlearn.ForgetRetainCollator(tokenizer.pad_token_id)(items)
+
+    step_times: list[float] = []
+    losses: list[dict] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "forget_loss" in logs:
+                losses.append({k: logs[k] for k in ("forget_loss", "retain_loss") if k in logs})
+
+    trainer = UnlearnTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
+                             processing_class=tokenizer, forget_term=forget_term, retain_term=retain_term,
+                             forget_coeff=1.0, retain_coeff=1.0, beta=0.1, callbacks=[Timer()],
+                             skip_unlabelled_logits=not original)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    timed = step_times[1:]
+    tokens = sum(real_tokens[1 : 1 + len(timed)])
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"path": args.worker, "s_per_step": sum(timed) / len(timed), "tokens_per_s": tokens / sum(timed),
+            "peak_mb": peak, "rss_before_train_mb": rss_before, "losses": losses[:3],
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(args)))
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir or tmp)
+        info = prepare(args, workdir)
+        results = []
+        for path in args.paths.split(","):
+            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", path,
+                   "--workdir", str(workdir), "--model_path", info["model"]]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                sys.exit(f"{path} failed:\n{proc.stderr[-4000:]}")
+            results.append(json.loads(line[0][len("RESULT "):]))
+    report(args, info, results)
+    return results
+
+
+def report(args: argparse.Namespace, info: dict, results: list[dict]) -> None:
+    by = {r["path"]: r for r in results}
+    device = results[0]["device"]
+    mem = "peak GPU MB (max_memory_allocated)" if device == "cuda" else "peak RSS MB"
+    print(f"\n{args.loss_type}, bs {args.bs}, max_length {args.max_length}, {args.steps} timed steps, {device} "
+          f"({results[0]['threads']} threads); model {info['model'] if args.model_path else 'random Qwen2'} "
+          f"vocab {args.vocab_size}, hidden {args.hidden_size}, {args.num_layers} layers; data: {info['data']}")
+    print(f"| path | tokens/s | s/step | {mem} | first losses (forget, retain) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        first = "; ".join(f"{x['forget_loss']:.4f}, {x.get('retain_loss', float('nan')):.4f}" for x in r["losses"])
+        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.3f} | {r['peak_mb']:.0f} | {first} |")
+    if "ours" in by and "original" in by:
+        o, g = by["ours"], by["original"]
+        print(f"| ours/original | {o['tokens_per_s'] / g['tokens_per_s']:.2f}x | "
+              f"{o['s_per_step'] / g['s_per_step']:.2f}x | {o['peak_mb'] / g['peak_mb']:.2f}x | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""TOFU evaluation: forget quality and model utility, with logs interchangeable with TOFU's published ones.
+
+Evaluate a model (a merged model, a base model, or a base model + `--adapter`) on TOFU's four sets:
+
+    python evaluate_tofu.py --model_path /models/tofu_llama2 --model_family llama2-7b \
+        --adapter adapter/ME+GD_epoch5_3e-05_maskFalse_0.9/final_lora_model \
+        --forget_path tofu/forget10_perturbed.json --retain_path tofu/retain_perturbed.json \
+        --real_authors_path tofu/real_authors_perturbed.json --world_facts_path tofu/world_facts_perturbed.json \
+        --save_dir results/tofu_me_gd --retain_result logs/retain90_eval_log_aggregated.json
+
+Aggregate two existing logs (names as TOFU's aggregate script):
+
+    python evaluate_tofu.py --aggregate --ckpt_result CKPT.json --retain_result RETAIN.json --save_file OUT.json
+
+Writes `eval_log_aggregated.json` (TOFU's layout) and `aggregate_stat.json` (Model Utility, Forget
+Quality and the twelve sub-metrics, by TOFU's names) into `--save_dir`. Forget quality needs the log
+of a model trained on the retain split only (`--retain_result`); without it, it is null. The formulas
+are in `utils/tofu_eval.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from utils.tofu_eval import add_tofu_set_args, aggregate, format_table, load_log, run_evaluation, set_paths
+from utils.utils import UserError, bool_arg, check_model_folder, run_cli, setup_logging, write_json
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bool_arg(parser, "--aggregate", False, "only aggregate --ckpt_result (and --retain_result)")
+    parser.add_argument("--ckpt_result", help="an eval_log_aggregated.json to aggregate")
+    parser.add_argument("--retain_result", help="a retain-only model's eval_log_aggregated.json (forget quality)")
+    parser.add_argument("--save_file", help="--aggregate: where to write the result JSON")
+    parser.add_argument("--model_path", help="model folder (base or merged)")
+    parser.add_argument("--adapter", help="optional PEFT adapter on top of --model_path")
+    parser.add_argument("--model_family", default="llama2-7b", help="chat tags from config/model_config.yaml")
+    parser.add_argument("--save_dir", default="results/tofu", help="where the logs go")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
+    bool_arg(parser, "--trust_remote_code", False, "allow the model folder's own Python code to run")
+    add_tofu_set_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    setup_logging()
+    if args.aggregate:
+        if not args.ckpt_result:
+            raise UserError("--aggregate needs --ckpt_result")
+        stats = aggregate(load_log(args.ckpt_result, "--ckpt_result"),
+                          load_log(args.retain_result, "--retain_result") if args.retain_result else None)
+        if args.save_file:
+            write_json(args.save_file, stats)
+        print(format_table(stats))
+        return stats
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.inference import _torch_dtype
+    from utils.utils import load_chat_template
+
+    if not args.model_path:
+        raise UserError("--model_path is required (or --aggregate)")
+    check_model_folder(args.model_path)
+    template = load_chat_template(args.model_family)
+    paths = set_paths(args)
+    if args.retain_result:
+        load_log(args.retain_result, "--retain_result")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json there)")
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_path, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=_torch_dtype(args.dtype), use_safetensors=True,
+                                                 trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    stats = run_evaluation(model, tokenizer, template, paths, Path(args.save_dir), args.retain_result,
+                           args.ds_size, args.tofu_batch_size)
+    print(format_table(stats))
+    print(f"logs written to {args.save_dir}/eval_log_aggregated.json and aggregate_stat.json")
+    return stats
+
+
+if __name__ == "__main__":
+    run_cli(main)

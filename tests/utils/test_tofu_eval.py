@@ -1,0 +1,194 @@
+"""TOFU metrics with worked-out values, TOFU's aggregation on its published logs, and a full tiny evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils.tofu_eval import EVAL_TASKS, aggregate, answer_losses, evaluate_set
+
+ITEMS = [
+    {"question": "Who wrote the book?", "answer": "Li Wei wrote it.", "paraphrased_answer": "It was Li Wei.",
+     "perturbed_answer": ["Wang Fang wrote it.", "Zhang Min wrote it."]},
+    {"question": "Where was she born?", "answer": "In Hangzhou.", "paraphrased_answer": "Hangzhou is where.",
+     "perturbed_answer": ["In Wuhan.", "In Xiamen."]},
+]
+
+
+@pytest.fixture()
+def uniform_model(tiny_model):
+    """Every weight zero: hidden states are 0, so the logits are 0 and every next token has p = 1/V."""
+    with torch.no_grad():
+        for param in tiny_model.parameters():
+            param.zero_()
+    return tiny_model.eval()
+
+
+def test_uniform_model_metrics_by_hand(uniform_model, tokenizer, template):
+    """With p = 1/V for every token: each answer's mean NLL is ln V (sum = ln V x its token count); the truth
+    ratio is exp(ln V - ln V) = 1; the normalised loss with 2 perturbed answers is -ln(1/3) = ln 3; greedy
+    decoding picks token 0 (<|endoftext|>, dropped when decoding), so ROUGE recall is 0."""
+    ln_v = math.log(uniform_model.config.vocab_size)
+    log = evaluate_set(uniform_model, tokenizer, template, ITEMS, "paraphrased_answer", normalise=True,
+                       batch_size=2)
+    for k in ("0", "1"):
+        assert log["avg_gt_loss"][k] == pytest.approx(ln_v, rel=1e-5)
+        assert log["gt_loss"][k] == pytest.approx(ln_v * log["num_token_gt"][k], rel=1e-5)
+        assert log["avg_paraphrased_loss"][k] == pytest.approx(ln_v, rel=1e-5)
+        assert log["average_perturb_loss"][k] == pytest.approx([ln_v, ln_v], rel=1e-5)
+        assert log["truth_ratio"][k] == pytest.approx(1.0, rel=1e-5)
+        assert log["normalized_gt_loss"][k] == pytest.approx(math.log(3), rel=1e-5)
+        assert log["rougeL_recall"][k] == 0.0 and log["generated_text"][k][2] == ITEMS[int(k)]["answer"]
+    # "Li Wei wrote it." + EOS: the token count is the labelled answer tokens plus one EOS
+    answer_tokens = len(tokenizer(" wrote it.").input_ids) + len(tokenizer("Li Wei").input_ids)
+    assert log["num_token_gt"]["0"] in (answer_tokens, answer_tokens + 1, answer_tokens + 2)
+
+    """Aggregated: Prob. = 1/V on retain/forget and p/(p + 2p) = 1/3 on real authors/world; ROUGE 0;
+    Truth Ratio: R = 1, so forget min(R, 1/R) = 1 and the others max(0, 1 - 1/R) = 0; utility hmean(... 0) = 0."""
+    stats = aggregate({key: log for key in EVAL_TASKS})
+    assert stats["Prob. Retain"] == pytest.approx(1 / uniform_model.config.vocab_size, rel=1e-4)
+    assert stats["Prob. Real Authors"] == pytest.approx(1 / 3, rel=1e-5)
+    assert stats["Truth Ratio Forget"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["Truth Ratio Retain"] == pytest.approx(0.0, abs=1e-5)
+    assert stats["ROUGE Forget"] == 0.0 and stats["Model Utility"] == pytest.approx(0.0, abs=1e-5)
+    assert stats["Forget Quality"] is None
+
+
+def test_batched_losses_equal_one_at_a_time(target, template):
+    """Padding in a batch changes nothing: each item's summed NLL equals its own unbatched forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dataset.data_module import encode_qa
+
+    model = AutoModelForCausalLM.from_pretrained(target["model"]).eval()
+    tok = AutoTokenizer.from_pretrained(target["model"])
+    questions = [q for q, _ in target["forget_pairs"][:5]]
+    answers = ["Short.", *[a for _, a in target["forget_pairs"][1:5]]]
+    sums, counts = answer_losses(model, tok, template, questions, answers, batch_size=5)
+    for q, a, s, n in zip(questions, answers, sums, counts, strict=True):
+        sample = encode_qa(tok, template, q, a, 200, mask=True)
+        ids, labels = torch.tensor([sample["input_ids"]]), torch.tensor(sample["labels"])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=-100, reduction="sum")
+        assert s == pytest.approx(nll.item(), rel=1e-4) and n == int((labels[1:] != -100).sum())
+
+
+# --------------------------------------------------------------------------- TOFU's published logs
+
+
+def tofu_reference(ckpt: dict, retain: dict) -> dict:
+    """A line-by-line transcription of TOFU's aggregate_eval_stat.py (get_model_utility, get_forget_quality)."""
+    from scipy.stats import hmean, ks_2samp
+
+    names = {"eval_real_author_wo_options.json": "Real Authors", "eval_real_world_wo_options.json": "Real World",
+             "eval_log.json": "Retain", "eval_log_forget.json": "Forget"}
+    out = {}
+    for k in ckpt:
+        if "eval_log" in k:
+            avg_gt_prob = np.mean(np.exp(-1 * np.array(list(ckpt[k]["avg_gt_loss"].values()))))
+        else:
+            true = np.exp(-1 * np.array(list(ckpt[k]["avg_gt_loss"].values())))
+            false = np.exp(-1 * np.array(list(ckpt[k]["average_perturb_loss"].values())))
+            avg_gt_prob = np.mean(true / np.concatenate([np.expand_dims(true, axis=-1), false], axis=1).sum(-1))
+        out[f"Prob. {names[k]}"] = avg_gt_prob
+        out[f"ROUGE {names[k]}"] = np.array(list(ckpt[k]["rougeL_recall"].values())).mean()
+        para = np.array(list(ckpt[k]["avg_paraphrased_loss"].values()))
+        pert = np.array(list(ckpt[k]["average_perturb_loss"].values())).mean(axis=-1)
+        stat = np.exp(pert - para)
+        out[f"Truth Ratio {names[k]}"] = (np.mean(np.minimum(stat, 1 / stat)) if "forget" in k
+                                          else np.mean(np.maximum(0, 1 - 1 / stat)))
+    out["Model Utility"] = hmean([v for k, v in out.items() if "Forget" not in k])
+
+    def ratio(log):
+        f = log["eval_log_forget.json"]
+        return np.exp(np.array(list(f["average_perturb_loss"].values())).mean(axis=-1)
+                      - np.array(list(f["avg_paraphrased_loss"].values())))
+
+    out["Forget Quality"] = ks_2samp(ratio(ckpt), ratio(retain)).pvalue
+    return out
+
+
+@pytest.mark.parametrize("model", ["full", "retain95", "retain99"])
+def test_aggregation_reproduces_tofu_on_published_logs(shared_data, model):
+    logs = shared_data / "tofu-eval-logs"
+    ckpt = json.loads((logs / f"llama2-7b_{model}_eval_log_aggregated.json").read_text())
+    retain = json.loads((logs / "llama2-7b_retain90_eval_log_aggregated.json").read_text())
+    ours, theirs = aggregate(ckpt, retain), tofu_reference(ckpt, retain)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(float(value), rel=1e-9, abs=1e-300), key
+    if model == "full":  # the fine-tuned model is far from the retain-only one on the forget set
+        assert ours["Model Utility"] == pytest.approx(0.622677, abs=1e-6)
+        assert ours["Forget Quality"] == pytest.approx(1.83407e-21, rel=1e-4)
+
+
+def test_aggregate_cli_writes_tofu_names(shared_data, tmp_path):
+    import evaluate_tofu
+
+    logs = shared_data / "tofu-eval-logs"
+    stats = evaluate_tofu.main(["--aggregate", "--ckpt_result", str(logs / "llama2-7b_full_eval_log_aggregated.json"),
+                                "--retain_result", str(logs / "llama2-7b_retain90_eval_log_aggregated.json"),
+                                "--save_file", str(tmp_path / "out.json")])
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved == pytest.approx(stats)
+    assert {"Model Utility", "Forget Quality", "ROUGE Retain", "Prob. Real Authors", "Truth Ratio Real World",
+            "ROUGE Forget", "KS Test Forget"} <= set(saved)
+
+
+@pytest.mark.slow
+def test_full_evaluation_of_the_tiny_model_reads_back(shared_data, target, tmp_path):
+    """The four TOFU sets (10 items each) through evaluate_tofu.py: a log in TOFU's layout that the
+    aggregation reads back; against itself the forget quality is 1 (identical truth-ratio samples)."""
+    import evaluate_tofu
+
+    tofu = shared_data / "tofu"
+    out = tmp_path / "tofu"
+    evaluate_tofu.main(["--model_path", str(target["model"]), "--model_family", "tiny", "--ds_size", "10",
+                        "--forget_path", str(tofu / "forget10_perturbed.json"),
+                        "--retain_path", str(tofu / "retain_perturbed.json"),
+                        "--real_authors_path", str(tofu / "real_authors_perturbed.json"),
+                        "--world_facts_path", str(tofu / "world_facts_perturbed.json"), "--save_dir", str(out)])
+    log = json.loads((out / "eval_log_aggregated.json").read_text())
+    published = json.loads((shared_data / "tofu-eval-logs" / "llama2-7b_full_eval_log_aggregated.json").read_text())
+    assert set(log) == set(published)
+    for key in log:
+        assert set(published[key]) <= set(log[key]), key
+        assert len(log[key]["avg_gt_loss"]) == 10 and list(log[key]["avg_gt_loss"]) == [str(i) for i in range(10)]
+    stats = evaluate_tofu.main(["--aggregate", "--ckpt_result", str(out / "eval_log_aggregated.json"),
+                                "--retain_result", str(out / "eval_log_aggregated.json")])
+    assert stats["Forget Quality"] == pytest.approx(1.0)
+    assert 0 <= stats["Model Utility"] <= 1
+    assert json.loads((out / "aggregate_stat.json").read_text())["Forget Quality"] is None
+
+
+@pytest.mark.slow
+def test_training_with_eval_tofu_writes_the_summary_next_to_the_adapter(shared_data, target, tmp_path):
+    import forget_me_gd
+
+    tofu = shared_data / "tofu"
+    final = forget_me_gd.main([
+        "--model_path", str(target["model"]), "--model_family", "tiny", "--forget_data_path", str(target["forget"]),
+        "--retain_data_path", str(target["retain"]), "--num_epochs", "1", "--save_root", str(tmp_path),
+        "--eval_tofu", "--ds_size", "4", "--forget_path", str(tofu / "forget10_perturbed.json"),
+        "--retain_path", str(tofu / "retain_perturbed.json"),
+        "--real_authors_path", str(tofu / "real_authors_perturbed.json"),
+        "--world_facts_path", str(tofu / "world_facts_perturbed.json")])
+    stats = json.loads((final.parent / "tofu_eval" / "aggregate_stat.json").read_text())
+    assert 0 <= stats["Model Utility"] <= 1 and stats["Forget Quality"] is None
+    assert (final.parent / "tofu_eval" / "eval_log_aggregated.json").is_file()
+
+
+def test_eval_tofu_without_the_sets_fails_before_training(target, tmp_path, capsys):
+    from conftest import run_script
+
+    import forget_me_gd
+
+    code, err = run_script(forget_me_gd, [
+        "--model_path", str(target["model"]), "--model_family", "tiny", "--forget_data_path", str(target["forget"]),
+        "--retain_data_path", str(target["retain"]), "--save_root", str(tmp_path / "a"), "--eval_tofu"], capsys)
+    assert code == 2 and "--forget_path" in err and "TOFU" in err
+    assert not (tmp_path / "a").exists()
