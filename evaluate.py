@@ -37,13 +37,19 @@ JUDGE_PROMPT = """你是一位资深的医学专家。下面有一个医学问�
 最后一行只写一个字：赢、平或输。"""
 
 
-def load_predictions(path: str | Path) -> list[str]:
-    """Answers from a `{"text": ...}` JSONL file; errors name the file, line and field."""
+def load_predictions(path: str | Path, data_path: str | Path | None = None, expected: int | None = None) -> list[str]:
+    """Answers from a `{"text": ...}` JSONL file; errors name the file, line and field.
+
+    With ``expected``, the file must hold exactly that many answers (one per question of ``data_path``).
+    """
     answers = []
     for number, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{path}, line {number}: expected an object with a string field 'text'")
         answers.append(obj["text"])
+    if expected is not None and len(answers) != expected:
+        raise UserError(f"{path} has {len(answers)} answers but {data_path} has {expected} questions; "
+                        "they must be line-aligned")
     return answers
 
 
@@ -108,10 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     setup_logging()
     items = load_qa_jsonl(args.test_data)
-    unlearned = load_predictions(args.user_out_path)
-    if len(unlearned) != len(items):
-        raise UserError(f"{args.user_out_path} has {len(unlearned)} answers but {args.test_data} has "
-                        f"{len(items)} questions; they must be line-aligned")
+    unlearned = load_predictions(args.user_out_path, args.test_data, len(items))
     use_judge = args.model_name.lower() != "none"
     qa_index = [i for i, it in enumerate(items) if category(it.name_key) == "qa"]
     verdicts, replies = None, []
@@ -119,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_model_folder(args.model_name, "--model_name")
         if args.we_out_path is None:
             raise UserError("--we_out_path (the original model's answers) is needed by the judge")
-        original = load_predictions(args.we_out_path)
-        if len(original) != len(items):
-            raise UserError(f"{args.we_out_path} has {len(original)} answers but {args.test_data} has "
-                            f"{len(items)} questions; they must be line-aligned")
+        original = load_predictions(args.we_out_path, args.test_data, len(items))
         verdicts, replies = judge_verdicts(args, [it.question for it in items], original, unlearned, qa_index)
     result = atec_score([it.name_key for it in items], [it.answer for it in items], unlearned, verdicts)
     record = result.as_record()

@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             raise UserError("--predict needs --model_path")
         check_model_folder(args.model_path)
         write_jsonl(args.user_out_path, [{"text": a} for a in predict_answers(args, args.test_data)])
-    answers = load_predictions(args.user_out_path)
-    if len(answers) != len(items):
-        raise UserError(f"{args.user_out_path} has {len(answers)} answers but {args.test_data} has "
-                        f"{len(items)} questions; they must be line-aligned")
+    answers = load_predictions(args.user_out_path, args.test_data, len(items))
     raw = [line for line in Path(args.test_data).read_text(encoding="utf-8").splitlines() if line.strip()]
     decisions = split_items([it.name_key for it in items], [it.answer for it in items], answers, args)
     forget = [line for line, d in zip(raw, decisions, strict=True) if d == "forget"]

@@ -259,7 +259,7 @@ class ForgetRetainDataset(Dataset):
         retain_enc = encode_all(retain, True, names[1])
         retain_ok = [i for i, e in enumerate(retain_enc) if e is not None]
         n_idk = len(idk_lines) if idk_lines else 0
-        idk_cache: dict[tuple[int, int], dict | None] = {}
+        idk_cache: dict[tuple[int, int, int], dict | None] = {}  # (which set, item, refusal line)
 
         def idk_sample(items: Sequence[QAItem], i: int, line: int) -> dict | None:
             key = (id(items), i, line)

@@ -159,3 +159,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(target, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_report_to_a_logger_that_is_not_installed(target, tmp_path, capsys):
+    code, err = run_script(forget_me_gd, training_argv(target, tmp_path, {"--report_to": "swanlab"}), capsys)
+    assert code == 2 and "swanlab" in err and "not installed" in err
+    assert not (tmp_path / "adapter").exists()

@@ -81,6 +81,15 @@ def validate(args: argparse.Namespace) -> tuple[Path, object]:
         set_paths(args)
         if args.tofu_retain_result:
             load_log(args.tofu_retain_result, "--tofu_retain_result")
+    if args.report_to != "none":
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "swanlab": "swanlab"}.get(args.report_to)
+        if module is None:
+            raise UserError(f"--report_to must be none, tensorboard, wandb or swanlab, not {args.report_to!r}")
+        if importlib.util.find_spec(module) is None:
+            raise UserError(f"--report_to {args.report_to}: the {module} package is not installed "
+                            f"(pip install {module})")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup_ratio must be in [0, 1)")
     out_dir = resolve_output_dir(args)

@@ -53,9 +53,11 @@ class UnlearnTrainer(Trainer):
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
-        forward = self.accelerator.unwrap_model(self.model).get_base_model().forward
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        # models without `logits_to_keep` (older or custom architectures) compute every position
         self.skip_unlabelled_logits = skip_unlabelled_logits and "logits_to_keep" in inspect.signature(
-            forward).parameters
+            base.forward).parameters
 
     # ------------------------------------------------------------------ data order
 
