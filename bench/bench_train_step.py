@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_path", default=None, help="model folder (default: a random Qwen2-shaped model)")
     parser.add_argument("--model_family", default="tiny", help="chat tags of the model")
+    parser.add_argument("--preset", default=None, choices=["qwen2.5-0.5b"],
+                        help="random model with a real model's shape (for GPU runs)")
+    parser.add_argument("--peak_tflops", type=float, default=989.0,
+                        help="GPU peak dense bf16 TFLOP/s for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--vocab_size", type=int, default=151936, help="vocabulary of the random model")
     parser.add_argument("--hidden_size", type=int, default=256, help="hidden size of the random model")
     parser.add_argument("--num_layers", type=int, default=2, help="layers of the random model")
@@ -82,6 +86,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     write_jsonl(workdir / "retain.jsonl", retain)
     (workdir / "idk.txt").write_text("\n".join(refusals) + "\n")
     model_path = args.model_path
+    if model_path is None and args.preset:
+        model_path = build_preset(args.preset, workdir)
     if model_path is None:
         from dataset.data_module import load_qa_jsonl
         from utils.tiny_model import build_model, build_tokenizer
@@ -97,6 +103,26 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
         model.save_pretrained(model_path)
         tokenizer.save_pretrained(model_path)
     return {"data": "TOFU forget01 + retain90[:400]" if use_tofu else "demo data", "model": str(model_path)}
+
+
+def build_preset(preset: str, workdir: Path) -> str:
+    """A randomly initialised model with Qwen2.5-0.5B's shape (0.49B parameters) and a local tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dataset.data_module import load_qa_jsonl
+    from utils.tiny_model import build_tokenizer
+
+    texts = [f"{i.question} {i.answer}" for p in ("forget", "retain") for i in load_qa_jsonl(workdir / f"{p}.jsonl")]
+    tokenizer = build_tokenizer(texts, vocab_size=4096)
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    path = workdir / preset
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 # --------------------------------------------------------------------------- one path (worker process)
@@ -188,7 +214,12 @@ def run_worker(args: argparse.Namespace) -> dict:
     tokens = sum(real_tokens[1 : 1 + len(timed)])
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # MFU as the issue defines it: 4 x params on the trainable path (the whole network: gradients flow
+    # through the frozen base) x tokens/s / peak bf16 FLOP/s
+    n_params = sum(p.numel() for p in model.parameters())
+    mfu = (4 * n_params * tokens / sum(timed) / (args.peak_tflops * 1e12)) if torch.cuda.is_available() else None
     return {"path": args.worker, "s_per_step": sum(timed) / len(timed), "tokens_per_s": tokens / sum(timed),
+            "params": n_params, "mfu": mfu,
             "peak_mb": peak, "rss_before_train_mb": rss_before, "losses": losses[:3],
             "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
 
@@ -218,22 +249,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
+def describe_model(args: argparse.Namespace, info: dict) -> str:
+    if args.model_path:
+        return info["model"]
+    if args.preset:
+        return f"random {args.preset}-shaped Qwen2"
+    return f"random Qwen2, vocab {args.vocab_size}, hidden {args.hidden_size}, {args.num_layers} layers"
+
+
 def report(args: argparse.Namespace, info: dict, results: list[dict]) -> None:
     by = {r["path"]: r for r in results}
     device = results[0]["device"]
     mem = "peak GPU MB (max_memory_allocated)" if device == "cuda" else "peak RSS MB"
     print(f"\n{args.loss_type}, bs {args.bs}, max_length {args.max_length}, {args.steps} timed steps, {device} "
-          f"({results[0]['threads']} threads); model {info['model'] if args.model_path else 'random Qwen2'} "
-          f"vocab {args.vocab_size}, hidden {args.hidden_size}, {args.num_layers} layers; data: {info['data']}")
-    print(f"| path | tokens/s | s/step | {mem} | first losses (forget, retain) |")
-    print("| --- | --- | --- | --- | --- |")
+          f"({results[0]['threads']} threads); model {describe_model(args, info)} "
+          f"({results[0]['params'] / 1e6:.1f}M parameters); data: {info['data']}")
+    print(f"| path | tokens/s | s/step | {mem} | MFU | first losses (forget, retain) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in results:
         first = "; ".join(f"{x['forget_loss']:.4f}, {x.get('retain_loss', float('nan')):.4f}" for x in r["losses"])
-        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.3f} | {r['peak_mb']:.0f} | {first} |")
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.3f} | {r['peak_mb']:.0f} | {mfu} "
+              f"| {first} |")
     if "ours" in by and "original" in by:
         o, g = by["ours"], by["original"]
         print(f"| ours/original | {o['tokens_per_s'] / g['tokens_per_s']:.2f}x | "
-              f"{o['s_per_step'] / g['s_per_step']:.2f}x | {o['peak_mb'] / g['peak_mb']:.2f}x | |")
+              f"{o['s_per_step'] / g['s_per_step']:.2f}x | {o['peak_mb'] / g['peak_mb']:.2f}x | | |")
 
 
 if __name__ == "__main__":

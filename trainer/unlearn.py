@@ -171,7 +171,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
         logging_steps=args.logging_steps,
         save_strategy="no",  # checkpoints every --save_steps epochs come from EpochCheckpointCallback
         seed=args.seed,
-        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        **({"train_sampling_strategy": "group_by_length"} if args.group_by_length else {}),
         bf16=bf16,
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
