@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
         if not args.model_path:
             raise UserError("--predict needs --model_path")
         check_model_folder(args.model_path)
-        write_jsonl(args.user_out_path, [{"text": a} for a in predict_answers(args, args.test_data)])
+        write_jsonl(args.user_out_path, [{"text": a} for a in predict_answers(args, items)])
     answers = load_predictions(args.user_out_path, args.test_data, len(items))
     raw = [line for line in Path(args.test_data).read_text(encoding="utf-8").splitlines() if line.strip()]
     decisions = split_items([it.name_key for it in items], [it.answer for it in items], answers, args)

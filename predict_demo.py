@@ -13,10 +13,9 @@ only when complete; an empty answer is written as " ".
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from dataset.data_module import load_qa_jsonl
+from dataset.data_module import QAItem, load_qa_jsonl
 from utils.inference import BACKENDS, GenerationConfig, build_prompts, generate
 from utils.utils import (
     UserError,
@@ -53,9 +52,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
-def predict_answers(args: argparse.Namespace, data_path: str | os.PathLike) -> list[str]:
-    """Answers of ``args.model_path`` to every question of ``data_path`` (in order)."""
-    items = load_qa_jsonl(data_path)
+def predict_answers(args: argparse.Namespace, items: list[QAItem]) -> list[str]:
+    """Answers of ``args.model_path`` to every question of ``items`` (in order)."""
     template = None if args.use_chat_template else load_chat_template(args.model_type)
     tokenizer = None
     if args.use_chat_template:
@@ -84,11 +82,11 @@ def main(argv: list[str] | None = None) -> Path:
     check_model_folder(args.model_path)
     if not args.use_chat_template:
         load_chat_template(args.model_type)
-    load_qa_jsonl(args.data_path)  # fail on bad input before any model loads
+    items = load_qa_jsonl(args.data_path)  # fail on bad input before any model loads
     output = check_output_free(args.output_path, args.overwrite, "--output_path")
     if args.max_new_tokens < 1:
         raise UserError("--max_new_tokens must be at least 1")
-    answers = predict_answers(args, args.data_path)
+    answers = predict_answers(args, items)
     write_jsonl(output, [{"text": a} for a in answers])
     print(f"wrote {len(answers)} answers to {output}")
     return output

@@ -80,11 +80,16 @@ def _parse_item(obj: object, path: str | os.PathLike, line: int) -> QAItem:
     raise _fail(path, line, "missing field 'conversations' (or 'question' and 'answer')")
 
 
-def iter_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """Parse a JSONL file strictly: ``(line_number, object)`` per non-blank line."""
+def _existing(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    return path
+
+
+def iter_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """Parse a JSONL file strictly: ``(line_number, object)`` per non-blank line."""
+    path = _existing(path)
     rows = []
     with path.open(encoding="utf-8") as fh:
         for number, text in enumerate(fh, start=1):
@@ -107,9 +112,7 @@ def load_qa_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> list[QA
 
 def load_lines(path: str | os.PathLike) -> list[str]:
     """Load refusal sentences, one a line (plain text, or a JSON string / ``{"text": ...}`` per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
+    path = _existing(path)
     lines = []
     with path.open(encoding="utf-8") as fh:
         for number, text in enumerate(fh, start=1):

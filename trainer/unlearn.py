@@ -8,8 +8,9 @@ import logging
 import os
 import string
 from pathlib import Path
+from typing import NamedTuple
 
-from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, load_lines, load_qa_jsonl
+from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem, load_lines, load_qa_jsonl
 from trainer.losses import LOSSES, needs_idk
 from utils.utils import (
     PROJECT_ROOT,
@@ -55,23 +56,33 @@ def _resolve_resume(args: argparse.Namespace, out_dir: Path) -> str | None:
     return str(path)
 
 
-def build_dataset(args: argparse.Namespace, tokenizer, template) -> ForgetRetainDataset:
-    """Read the forget/retain (and refusal) files and tokenise them."""
-    forget = load_qa_jsonl(args.forget_data_path)
-    retain = load_qa_jsonl(args.retain_data_path)
+class TrainingData(NamedTuple):
+    """The parsed input files of a run."""
+
+    forget: list[QAItem]
+    retain: list[QAItem]
+    idk: list[str] | None
+
+
+def read_data(args: argparse.Namespace) -> TrainingData:
+    """Parse the forget/retain files (and the refusals when the loss reads them); errors name file and line."""
     idk = load_lines(args.idk_data_path) if needs_idk(args.loss_type) else None
+    return TrainingData(load_qa_jsonl(args.forget_data_path), load_qa_jsonl(args.retain_data_path), idk)
+
+
+def build_dataset(args: argparse.Namespace, tokenizer, template, data: TrainingData | None = None
+                  ) -> ForgetRetainDataset:
+    """Tokenise the run's data (read from the files unless ``data`` is given)."""
+    forget, retain, idk = data if data is not None else read_data(args)
     return ForgetRetainDataset(forget, retain, tokenizer, template, args.max_length, mask=args.mask, idk_lines=idk,
                                pad_to_max_length=args.pad_to_max_length)
 
 
-def validate(args: argparse.Namespace) -> tuple[Path, object]:
+def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     """Every check that needs no model: fails in seconds, before anything heavy is loaded."""
     template = load_chat_template(args.model_family, args.model_config)
     check_model_folder(args.model_path)
-    for flag in ("forget_data_path", "retain_data_path"):
-        load_qa_jsonl(getattr(args, flag))
-    if needs_idk(args.loss_type):
-        load_lines(args.idk_data_path)
+    data = read_data(args)
     for flag in ("max_length", "num_epochs", "bs", "lora_r"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
@@ -96,7 +107,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object]:
     if (out_dir / FINAL_DIR).exists() and not args.overwrite and args.resume_from_checkpoint is None:
         raise UserError(f"{out_dir / FINAL_DIR} already exists; pass --overwrite to replace it "
                         "or choose another --output_dir")
-    return out_dir, template
+    return out_dir, template, data
 
 
 def load_tokenizer(args: argparse.Namespace, template):
@@ -201,11 +212,11 @@ def train(args: argparse.Namespace) -> Path:
 
     from trainer.unlearn_trainer import EpochCheckpointCallback, JsonlLogCallback, UnlearnTrainer
 
-    out_dir, template = validate(args)
+    out_dir, template, data = validate(args)
     resume = _resolve_resume(args, out_dir)
     bf16 = _use_bf16(args)
     tokenizer = load_tokenizer(args, template)
-    dataset = build_dataset(args, tokenizer, template)  # all input errors surface before the model loads
+    dataset = build_dataset(args, tokenizer, template, data)  # all input errors surface before the model loads
     model = build_model(args, template, bf16)
     training_args = build_training_args(args, out_dir, bf16)
     forget_term, retain_term = LOSSES[args.loss_type]

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -186,8 +187,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
