@@ -47,6 +47,9 @@ BAD_TRAINING_INPUTS = [
     ("unknown family", lambda t, p: {"--model_family": "gpt-9"}, ["unknown model family 'gpt-9'", "qwen2.5-8b"]),
     ("unknown output name", lambda t, p: {"--output_dir": str(p / "${nmae}")}, ["--output_dir", "${nmae}"]),
     ("not a model folder", lambda t, p: {"--model_path": str(p)}, ["not a model folder", "config.json"]),
+    ("resume from a non-checkpoint", lambda t, p: {"--resume_from_checkpoint": str(p)},
+     ["--resume_from_checkpoint", "not a training checkpoint"]),
+    ("warm-up ratio out of range", lambda t, p: {"--warmup_ratio": "1.5"}, ["--warmup_ratio", "[0, 1)"]),
 ]
 
 
