@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.inference import _torch_dtype
+    from utils.inference import torch_dtype
     from utils.utils import load_chat_template
 
     if not args.model_path:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=_torch_dtype(args.dtype), use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch_dtype(args.dtype), use_safetensors=True,
                                                  trust_remote_code=args.trust_remote_code)
     if args.adapter:
         from peft import PeftModel

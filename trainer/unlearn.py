@@ -19,6 +19,7 @@ from utils.utils import (
     load_chat_template,
     seed_everything,
     write_json,
+    write_jsonl,
 )
 
 logger = logging.getLogger(__name__)
@@ -154,9 +155,11 @@ def build_model(args: argparse.Namespace, template, bf16: bool):
 def _use_bf16(args: argparse.Namespace) -> bool:
     import torch
 
+    from utils.inference import torch_dtype
+
     if args.bf16 is not None:
         return args.bf16
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch_dtype("auto") is torch.bfloat16
 
 
 def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
@@ -201,8 +204,6 @@ def _trim_log(path: Path, last_step: int) -> None:
     """On resume, drop log rows written after the checkpoint (they will be logged again)."""
     if path.is_file():
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        from utils.utils import write_jsonl
-
         write_jsonl(path, [r for r in rows if r.get("step", 0) <= last_step])
 
 

@@ -69,7 +69,8 @@ def generate(model_path: str | os.PathLike, prompts: Sequence[str], config: Gene
     return _generate_transformers(str(model_path), list(prompts), config)
 
 
-def _torch_dtype(name: str):
+def torch_dtype(name: str):
+    """A dtype by name; ``auto`` is bfloat16 on a CUDA GPU that supports it, else float32 (training too)."""
     import torch
 
     if name == "auto":
@@ -84,7 +85,7 @@ def _generate_transformers(model_path: str, prompts: list[str], config: Generati
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=_torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code, use_safetensors=True
+        model_path, dtype=torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code, use_safetensors=True
     ).to(device).eval()
     return generate_with_model(model, tokenizer, prompts, config)
 
