@@ -6,7 +6,9 @@
 
 ROUGE-L (as evaluate.py computes it) between each gold answer and the model's answer: items at or
 above `--forget_threshold` are memorised (forget), below `--retain_threshold` go to retain, those in
-between are dropped. Items whose `name_key` starts with one of `--keep_prefixes` are never forgotten:
+between are dropped. An answer that ROUGE cannot score (empty, or no word `rouge` can read, such as '.') is
+skipped, as the competition's script skipped it: counted and reported, in neither file. Items whose
+`name_key` starts with one of `--keep_prefixes` are never forgotten:
 they go to retain while their score is at most `--keep_threshold` (up to `--max_keep` of them).
 Lines are copied verbatim. `--predict --model_path M` first writes the answers with predict_demo.py's
 code path.
@@ -21,7 +23,7 @@ from pathlib import Path
 from dataset.data_module import load_qa_jsonl
 from evaluate import load_predictions
 from predict_demo import add_generation_args, predict_answers
-from utils.metrics import atec_rouge_l
+from utils.metrics import atec_rouge_l_or_none
 from utils.utils import UserError, atomic_path, bool_arg, check_model_folder, run_cli, setup_logging, write_jsonl
 
 
@@ -44,11 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def split_items(keys: list[str], golds: list[str], answers: list[str], args: argparse.Namespace) -> list[str]:
-    """A decision per item: ``forget``, ``retain`` or ``dropped``."""
+    """A decision per item: ``forget``, ``retain``, ``dropped`` or ``unscorable``."""
     decisions, kept = [], 0
     for key, gold, answer in zip(keys, golds, answers, strict=True):
-        score = atec_rouge_l(gold, answer)
-        if any(key.startswith(p) for p in args.keep_prefixes):
+        score = atec_rouge_l_or_none(gold, answer)
+        if score is None:
+            decisions.append("unscorable")
+        elif any(key.startswith(p) for p in args.keep_prefixes):
             if score <= args.keep_threshold and (args.max_keep is None or kept < args.max_keep):
                 decisions.append("retain")
                 kept += 1
@@ -84,11 +88,16 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     counts = Counter((it.name_key.rsplit("_", 1)[0] if "_" in it.name_key else it.name_key, d)
                      for it, d in zip(items, decisions, strict=True))
-    print(f"{'category':<20}{'forget':>8}{'retain':>8}{'dropped':>9}")
+    print(f"{'category':<20}{'forget':>8}{'retain':>8}{'dropped':>9}{'unscorable':>12}")
     for cat in sorted({c for c, _ in counts}):
-        print(f"{cat:<20}{counts[cat, 'forget']:>8}{counts[cat, 'retain']:>8}{counts[cat, 'dropped']:>9}")
+        print(f"{cat:<20}{counts[cat, 'forget']:>8}{counts[cat, 'retain']:>8}{counts[cat, 'dropped']:>9}"
+              f"{counts[cat, 'unscorable']:>12}")
     print(f"{len(forget)} forget -> {args.forget_out_path}; {len(retain)} retain -> {args.retain_out_path}")
-    return {"forget": len(forget), "retain": len(retain), "dropped": decisions.count("dropped")}
+    unscorable = decisions.count("unscorable")
+    if unscorable:
+        print(f"{unscorable} items skipped: ROUGE-L cannot score their answer (empty, or no word, such as '.')")
+    return {"forget": len(forget), "retain": len(retain), "dropped": decisions.count("dropped"),
+            "unscorable": unscorable}
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
         --output_path results/me_gd.jsonl --model_type qwen2_5 --tensor_parallel_size 4
 
 Backends: vLLM (tensor-parallel) when it is installed and a GPU is present, else transformers
-(batched, left padding); `--backend` forces one. Prompts are built as training built them, from the
-model family's tags in config/model_config.yaml (`--model_type` takes a family or an alias such as
-`qwen2_5`), or with `--use_chat_template` from the tokenizer's own template. The output file appears
-only when complete; an empty answer is written as " ".
+(batched, left padding); `--backend` forces one. Prompts go through the model's own chat template (its
+default system prompt included), as the competition's inference engine built them; `--prompt_format tags`
+builds them as training did instead, from the model family's tags in config/model_config.yaml
+(`--model_type` takes a family or an alias such as `qwen2_5`). Greedy, at most 2,048 new tokens, as the
+competition. The output file appears only when complete; an empty answer is written as " ".
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ from utils.utils import (
     load_chat_template,
     run_cli,
     setup_logging,
+    str2bool,
     write_jsonl,
 )
+
+PROMPT_FORMATS = ("chat_template", "tags")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
     """Inference options shared by predict_demo.py and extract_data.py --predict."""
     group = parser.add_argument_group("generation")
-    group.add_argument("--model_type", default="qwen2_5", help="model family or alias from config/model_config.yaml")
-    bool_arg(group, "--use_chat_template", False, "build prompts with the tokenizer's chat template instead")
+    group.add_argument("--prompt_format", default="chat_template", choices=PROMPT_FORMATS,
+                       help="chat_template: the tokenizer's own chat template (the competition's inference); "
+                            "tags: the --model_type family's tags, as training formats questions")
+    group.add_argument("--model_type", default="qwen2_5",
+                       help="model family or alias from config/model_config.yaml (for --prompt_format tags)")
+    group.add_argument("--use_chat_template", type=str2bool, nargs="?", const=True, default=None,
+                       help=argparse.SUPPRESS)  # earlier spelling: true = chat_template, false = tags
     group.add_argument("--backend", default="auto", choices=BACKENDS, help="inference engine")
     group.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per model (vLLM)")
     group.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM's share of GPU memory")
@@ -52,11 +61,19 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 
 
+def prompt_format(args: argparse.Namespace) -> str:
+    """``--prompt_format``, with the earlier ``--use_chat_template true|false`` taking precedence when given."""
+    if args.use_chat_template is not None:
+        return "chat_template" if args.use_chat_template else "tags"
+    return args.prompt_format
+
+
 def predict_answers(args: argparse.Namespace, items: list[QAItem]) -> list[str]:
     """Answers of ``args.model_path`` to every question of ``items`` (in order)."""
-    template = None if args.use_chat_template else load_chat_template(args.model_type)
+    use_template = prompt_format(args) == "chat_template"
+    template = None if use_template else load_chat_template(args.model_type)
     tokenizer = None
-    if args.use_chat_template:
+    if use_template:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
@@ -80,7 +97,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     setup_logging()
     check_model_folder(args.model_path)
-    if not args.use_chat_template:
+    if prompt_format(args) == "tags":
         load_chat_template(args.model_type)
     items = load_qa_jsonl(args.data_path)  # fail on bad input before any model loads
     output = check_output_free(args.output_path, args.overwrite, "--output_path")

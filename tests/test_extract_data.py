@@ -16,11 +16,13 @@ def conv(q: str, a: str, key: str) -> dict:
 
 def test_split_by_rouge_with_keep_prefixes(tmp_path, capsys):
     """ROUGE-L of each answer vs gold: 1.0 → forget; 0.75 → forget; 0.4 (between) → dropped; 0 → retain;
-    choice items (keep prefix) never go to forget: 1.0 > 0.8 → dropped, 0 → retain (one allowed by max_keep)."""
+    choice items (keep prefix) never go to forget: 1.0 > 0.8 → dropped, 0 → retain (one allowed by max_keep);
+    answers ROUGE cannot score ('' and '.') are skipped, as the competition's script skipped them."""
     rows = [conv("Q1", "a b c d", "privacy_1"), conv("Q2", "a b c d", "privacy_2"),
             conv("Q3", "a b c d e", "privacy_3"), conv("Q4", "a b c d", "privacy_4"),
-            conv("Q5", "【答案】A", "choice_1"), conv("Q6", "x y", "choice_2"), conv("Q7", "z w", "choice_3")]
-    answers = ["a b c d", "a c d e", "a b q r s", "p q r s", "【答案】A", "nothing", "nada"]
+            conv("Q5", "【答案】A", "choice_1"), conv("Q6", "x y", "choice_2"), conv("Q7", "z w", "choice_3"),
+            conv("Q8", "a b", "privacy_5"), conv("Q9", "c d", "privacy_6")]
+    answers = ["a b c d", "a c d e", "a b q r s", "p q r s", "【答案】A", "nothing", "nada", "", "."]
     write_jsonl(tmp_path / "train.jsonl", rows)
     write_jsonl(tmp_path / "pred.jsonl", [{"text": a} for a in answers])
     counts = extract_data.main(["--test_data", str(tmp_path / "train.jsonl"), "--user_out_path",
@@ -31,12 +33,12 @@ def test_split_by_rouge_with_keep_prefixes(tmp_path, capsys):
     retain = [json.loads(line)["name_key"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert forget == ["privacy_1", "privacy_2"]
     assert retain == ["privacy_4", "choice_2"]
-    assert counts == {"forget": 2, "retain": 2, "dropped": 3}
+    assert counts == {"forget": 2, "retain": 2, "dropped": 3, "unscorable": 2}
     # lines are copied verbatim
     source = (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert (tmp_path / "f.jsonl").read_text(encoding="utf-8").splitlines() == source[:2]
     out = capsys.readouterr().out
-    assert "privacy" in out and "choice" in out
+    assert "privacy" in out and "choice" in out and "2 items skipped" in out
 
 
 def test_extract_predicts_first_with_the_model(target, tmp_path):

@@ -57,3 +57,37 @@ def test_vllm_backend_matches_transformers(target, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     predict_demo.main([*common, "--backend", "transformers", "--output_path", str(tmp_path / "tf.jsonl")])
     assert read_answers(tmp_path / "vllm.jsonl") == read_answers(tmp_path / "tf.jsonl")
+
+
+def test_prompt_formats_and_blank_answers(target, tmp_path, monkeypatch):
+    """Default prompts go through the model's own chat template (here one with a default system prompt, as
+    Qwen2.5's and SmolLM2's have), `--prompt_format tags` through the family's tags; an empty answer is
+    written as " ". Generation is replaced by a recorder: prompt building and writing are under test."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(target["model"], model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
+                         "{% for m in messages %}"
+                         "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok.save_pretrained(model)
+    seen = []
+
+    def recorder(model_path, prompts, config, backend="auto"):
+        seen.append(list(prompts))
+        return ["" if i == 0 else f"answer {i}" for i in range(len(prompts))]
+
+    monkeypatch.setattr(predict_demo, "generate", recorder)
+    common = ["--model_path", str(model), "--data_path", str(target["forget"]), "--model_type", "tiny"]
+    out = predict_demo.main([*common, "--output_path", str(tmp_path / "a.jsonl")])
+    question = target["forget_pairs"][0][0]
+    assert seen[0][0] == f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}" \
+                         "<|im_end|>\n<|im_start|>assistant\n"
+    assert read_answers(out)[:2] == [" ", "answer 1"]
+    predict_demo.main([*common, "--output_path", str(tmp_path / "b.jsonl"), "--prompt_format", "tags"])
+    assert seen[1][0] == f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    assert seen[0] != seen[1]

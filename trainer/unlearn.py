@@ -25,6 +25,14 @@ from utils.utils import (
 logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final_lora_model"
+
+# The original scripts' per-script defaults (forget_me_gd.py / forget_idk_ap.py of the competition's code).
+SCRIPT_DEFAULTS: dict[str, dict] = {
+    "me_gd": {"loss_type": "ME+GD", "max_length": 400, "forget_coeff": 0.9, "num_epochs": 5, "save_steps": 10},
+    "idk_ap": {"loss_type": "IDK+AP", "max_length": 288, "forget_coeff": 0.5, "num_epochs": 3, "save_steps": 100,
+               "output_dir": "${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}"
+                             "_${regularization_coeff}"},
+}
 LOG_FILE = "train_log.jsonl"
 ARGS_FILE = "run_args.json"
 
@@ -164,7 +172,8 @@ def _use_bf16(args: argparse.Namespace) -> bool:
 
 def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
     import torch
-    from transformers import TrainingArguments
+
+    from trainer.unlearn_trainer import UnlearnTrainingArguments
 
     # Launched as several processes without CUDA: without use_cpu + gloo every process would train
     # alone (world size 1) and all of them would write the same run folder.
@@ -172,7 +181,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
     accumulation = args.gradient_accumulation_steps
     if accumulation is None:
         accumulation = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"))
-    return TrainingArguments(
+    return UnlearnTrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=args.num_epochs,
         per_device_train_batch_size=args.bs,
@@ -286,17 +295,20 @@ def save_final(trainer, out_dir: Path) -> Path:
     return final
 
 
+def build_parser(method: str, description: str) -> argparse.ArgumentParser:
+    """The argument parser of a forget script, with that script's defaults (``SCRIPT_DEFAULTS[method]``)."""
+    from utils.utils import add_unlearn_args
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_unlearn_args(parser, loss_choices=sorted(LOSSES), **SCRIPT_DEFAULTS[method])
+    return parser
+
+
 def main_for(method: str, argv: list[str] | None, description: str) -> Path:
     """Parse a forget script's arguments (defaults by ``method``) and train."""
-    from utils.utils import add_unlearn_args, setup_logging
+    from utils.utils import setup_logging
 
-    defaults = {
-        "me_gd": {"loss_type": "ME+GD", "max_length": 400, "forget_coeff": 0.9},
-        "idk_ap": {"loss_type": "IDK+AP", "max_length": 288, "forget_coeff": 0.5},
-    }[method]
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_unlearn_args(parser, loss_choices=sorted(LOSSES), **defaults)
-    args = parser.parse_args(argv)
+    args = build_parser(method, description).parse_args(argv)
     if not Path(args.idk_data_path).is_absolute() and not Path(args.idk_data_path).exists():
         candidate = PROJECT_ROOT / args.idk_data_path
         if candidate.exists():

@@ -11,13 +11,23 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trainer.losses import IGNORE_INDEX, LossTerm, PartOutput
 
 logger = logging.getLogger(__name__)
 
 EPOCH_CHECKPOINT_RE = re.compile(r"^checkpoint-epoch-(\d+)$")
+
+
+class UnlearnTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` whose warm-up ratio rounds down, as the original scripts' did
+    (``int(warmup_ratio * total_steps)``; transformers rounds up: 30 steps at 0.05 give 1 step, not 2)."""
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        return int(num_training_steps * self.warmup_steps)
 
 
 class UnlearnTrainer(Trainer):

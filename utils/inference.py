@@ -54,7 +54,8 @@ def build_prompts(questions: Sequence[str], template: ChatTemplate | None, token
     if template is not None:
         return [template.prompt(q) for q in questions]
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise UserError("the tokenizer has no chat template; use the model family's tags instead")
+        raise UserError("the model's tokenizer has no chat template; pass --prompt_format tags (with --model_type) "
+                        "to build prompts from the family's tags")
     return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                           add_generation_prompt=True) for q in questions]
 

@@ -240,9 +240,11 @@ def bool_arg(group: argparse._ArgumentGroup, name: str, default: bool, help: str
 
 
 def add_unlearn_args(
-    parser: argparse.ArgumentParser, *, loss_type: str, max_length: int, forget_coeff: float, loss_choices: list[str]
+    parser: argparse.ArgumentParser, *, loss_type: str, max_length: int, forget_coeff: float, loss_choices: list[str],
+    num_epochs: int = 5, save_steps: int = 10,
+    output_dir: str = "${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}",
 ) -> None:
-    """The training scripts' arguments (names and meanings as the original scripts'), per-script defaults."""
+    """The training scripts' arguments (names, meanings and defaults as the original scripts'), per-script defaults."""
     add_model_args(parser, model_path=None, family="qwen2.5-8b")
     parser.add_argument("--config_file", default="accelerate_config.yaml",
                         help="accepted for the original command lines; accelerate reads its config from "
@@ -266,7 +268,7 @@ def add_unlearn_args(
     loss.add_argument("--beta", type=float, default=0.1, help="inverse temperature of AP, NPO and DPO")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--num_epochs", type=int, default=5, help="passes over the forget set")
+    train.add_argument("--num_epochs", type=int, default=num_epochs, help="passes over the forget set")
     train.add_argument("--bs", type=int, default=1, help="per-device batch size (forget items per step)")
     train.add_argument("--gradient_accumulation_steps", type=int, default=None,
                        help="default: accelerate's config value when launched by it, else 1")
@@ -275,10 +277,12 @@ def add_unlearn_args(
     train.add_argument("--lr_scheduler_type", default="cosine",
                        choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
     train.add_argument("--warmup_ratio", type=float, default=0.05, help="fraction of optimizer steps for warm-up")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
+    train.add_argument("--max_grad_norm", type=float, default=0.0,
+                       help="clip gradients to this norm; 0 = no clipping (the original scripts never clipped)")
     train.add_argument("--seed", type=int, default=1001, help="seed for LoRA initialisation and data order")
     train.add_argument("--logging_steps", type=int, default=1, help="log every N optimizer steps")
-    train.add_argument("--save_steps", type=int, default=10, help="save a resumable checkpoint every N epochs")
+    train.add_argument("--save_steps", type=int, default=save_steps,
+                       help="save a resumable checkpoint every N epochs (as the original: epochs, not steps)")
     bool_arg(train, "--bf16", None, "bfloat16 (default: on when a CUDA GPU supports it)")
     bool_arg(train, "--gradient_checkpointing", False, "recompute activations to save memory")
     bool_arg(train, "--group_by_length", False, "batch items of similar length together (less padding, bs > 1)")
@@ -293,9 +297,8 @@ def add_unlearn_args(
 
     out = parser.add_argument_group("output")
     out.add_argument("--save_root", default="adapter", help="folder that holds run folders")
-    out.add_argument("--output_dir",
-                     default="${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}",
-                     help="run folder; ${name} is filled from the arguments")
+    out.add_argument("--output_dir", default=output_dir,
+                     help="run folder (a whole path); ${name} is filled from the arguments")
     out.add_argument("--resume_from_checkpoint", default=None,
                      help="a checkpoint folder, or 'latest' for the newest checkpoint-epoch-N of the run")
     bool_arg(out, "--overwrite", False, "replace a finished run folder's final adapter")

@@ -197,8 +197,9 @@ def test_me_gd_forgets_the_forget_set_and_keeps_the_retain_set(target, before, t
 
 def test_idk_ap_turns_forget_answers_into_refusals(target, before, tmp_path):
     tokenizer, (_, forget_rouge0), (_, retain_rouge0) = before
+    # at this high learning rate clipping keeps the retain answers (without it retain ROUGE-L fell to 0.41)
     final = forget_idk_ap.main(base_args(target, tmp_path, "--num_epochs", "20", "--bs", "4", "--lr", "3e-3",
-                                         "--forget_coeff", "1.0"))
+                                         "--forget_coeff", "1.0", "--max_grad_norm", "1.0"))
     model = load_adapter(target["model"], final)
     answers = greedy_answers(model, tokenizer, [q for q, _ in target["forget_pairs"]])
     refusals = sum(a in REFUSALS for a in answers)
@@ -259,3 +260,45 @@ def test_group_by_length_reduces_padding(target, tmp_path):
     grouped_pad, order = padding_per_epoch("--group_by_length")
     assert sorted(order) == list(range(128))
     assert grouped_pad < random_pad
+
+
+# The original scripts' argparse defaults (forget_me_gd.py / forget_idk_ap.py of the competition's code),
+# transcribed by hand. Paths differ on purpose (the original's were machine paths): not compared here.
+ORIGINAL_DEFAULTS = {
+    "me_gd": {"num_epochs": 5, "bs": 1, "max_length": 400, "model_family": "qwen2.5-8b", "loss_type": "ME+GD",
+              "mask": False, "seed": 1001, "lr": 3e-5, "wd": 0.01, "lr_scheduler_type": "cosine",
+              "warmup_ratio": 0.05, "logging_steps": 1, "save_steps": 10, "lora_r": 16, "lora_alpha": 32,
+              "lora_dropout": 0.05, "forget_coeff": 0.9, "regularization_coeff": 1.0, "beta": 0.1,
+              "save_root": "adapter", "max_grad_norm": 0.0},
+    "idk_ap": {"num_epochs": 3, "bs": 1, "max_length": 288, "model_family": "qwen2.5-8b", "loss_type": "IDK+AP",
+               "mask": False, "seed": 1001, "lr": 3e-5, "wd": 0.01, "lr_scheduler_type": "cosine",
+               "warmup_ratio": 0.05, "logging_steps": 1, "save_steps": 100, "lora_r": 16, "lora_alpha": 32,
+               "lora_dropout": 0.05, "forget_coeff": 0.5, "regularization_coeff": 1.0, "beta": 0.1,
+               "save_root": "adapter", "max_grad_norm": 0.0,
+               "output_dir": "${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}"
+                             "_${regularization_coeff}"},
+}
+
+
+@pytest.mark.parametrize("method", ["me_gd", "idk_ap"])
+def test_defaults_are_the_original_scripts(method):
+    """Every default the original parsers define (max_grad_norm: the original defined none and clipped only
+    `if hasattr(args, 'max_grad_norm')`, so it never clipped: 0 = off)."""
+    from trainer.unlearn import build_parser
+
+    args = build_parser(method, "").parse_args(["--model_path", "m"])
+    for key, value in ORIGINAL_DEFAULTS[method].items():
+        assert getattr(args, key) == value, key
+
+
+def test_warmup_rounds_down_as_the_original(tmp_path):
+    """The original: int(warmup_ratio * total_steps); 30 steps at 0.05 → 1 (transformers' own ceil gives 2)."""
+    from trainer.unlearn import build_parser, build_training_args
+    from trainer.unlearn_trainer import UnlearnTrainingArguments
+
+    parsed = build_parser("me_gd", "").parse_args(["--model_path", "m"])
+    assert build_training_args(parsed, tmp_path, False).get_warmup_steps(30) == 1
+
+    args = UnlearnTrainingArguments(output_dir="unused", warmup_steps=0.05, report_to=[])
+    assert args.get_warmup_steps(30) == 1 and args.get_warmup_steps(100) == 5 and args.get_warmup_steps(10) == 0
+    assert UnlearnTrainingArguments(output_dir="unused", warmup_steps=3, report_to=[]).get_warmup_steps(30) == 3
