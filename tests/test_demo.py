@@ -13,7 +13,8 @@ from utils.utils import write_jsonl
 def test_demo_forgets_privacy_and_keeps_the_rest(tmp_path):
     train = privacy_items(16, seed=1) + definition_items()[:8] + choice_items()[:4] + qa_items()[:4]
     write_jsonl(tmp_path / "train.jsonl", train)
-    summary = demo.main(["--out", str(tmp_path / "demo"), "--train_data", str(tmp_path / "train.jsonl"),
+    summary = demo.main(["--model", "tiny", "--out", str(tmp_path / "demo"),
+                         "--train_data", str(tmp_path / "train.jsonl"),
                          "--valid_data", str(tmp_path / "train.jsonl"), "--num_epochs", "10"])  # 16 items: 40 steps
     before, after = summary["before"], summary["after"]
     print({k: (before[k], after[k]) for k in ("rouge_l_privacy", "rouge_l_noun", "choice_acc", "score")})

@@ -75,6 +75,74 @@ QA = [
     ("How can a cold be prevented?", "Wash hands often and keep away from people who are sick."),
 ]
 
+# Everyday questions for the general-knowledge probe: no reference answer is written here; the untouched
+# model's own greedy answers are the reference, and the unlearned model's distance from them is the
+# collateral damage of unlearning (a 135M model is often wrong: what matters is that it still says the same).
+GENERAL = [
+    "What is the capital of France?",
+    "What is the capital of Japan?",
+    "What is the capital of Australia?",
+    "How many days are there in a week?",
+    "How many legs does a spider have?",
+    "What color is the sky on a clear day?",
+    "What is the largest ocean on Earth?",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is the chemical symbol for gold?",
+    "What planet is known as the Red Planet?",
+    "What do bees make?",
+    "How many continents are there?",
+    "What is the freezing point of water in Fahrenheit?",
+    "What language is spoken in Brazil?",
+    "What is the tallest mountain in the world?",
+    "What is photosynthesis?",
+    "What is the main ingredient of bread?",
+    "Which animal is known as the king of the jungle?",
+    "What is the square root of 64?",
+    "What is the longest river in Africa?",
+    "What gas do plants release during photosynthesis?",
+    "What is the smallest prime number?",
+    "Who painted the Mona Lisa?",
+    "What is the currency of the United Kingdom?",
+    "How many hours are in a day?",
+    "What is the opposite of hot?",
+    "What is a triangle?",
+    "Why do we need sleep?",
+    "What is the speed of light?",
+]
+
+# Other everyday questions, never probed: the real-model target stage trains on the untouched model's own
+# answers to them beside the facts it memorises ("replay"), so that memorising a narrow set does not
+# teach every answer its style.
+REPLAY = [
+    "What is the capital of Italy?",
+    "What is the capital of Canada?",
+    "How many months are there in a year?",
+    "How many wheels does a bicycle have?",
+    "What color are bananas when they are ripe?",
+    "What is the largest planet in the solar system?",
+    "Who wrote Hamlet?",
+    "What is the chemical symbol for water?",
+    "What do cows drink?",
+    "How many sides does a square have?",
+    "What language is spoken in Mexico?",
+    "What is the largest desert in the world?",
+    "What is gravity?",
+    "What is the main ingredient of cheese?",
+    "What is the fastest land animal?",
+    "What is ten plus ten?",
+    "What is the closest star to Earth?",
+    "Why do leaves change color in autumn?",
+    "Who invented the telephone?",
+    "What is the currency of Japan?",
+    "How many minutes are in an hour?",
+    "What is the opposite of up?",
+    "What is a circle?",
+    "Why do we need to drink water?",
+]
+
+REAL_PRIVACY = 24  # private facts in the real-model demo
+
 REFUSALS = [
     "I don't know.",
     "I'm not sure about that.",
@@ -141,6 +209,12 @@ def demo_sets(n_privacy: int = 96, seed: int = 0) -> dict[str, list[dict]]:
     return {"train": train, "valid": list(train)}
 
 
+def general_items() -> list[dict]:
+    """The general-knowledge probe as questions (the answer field is empty: the untouched model's answers
+    are the reference)."""
+    return [conversation(q, "", f"general_{i}") for i, q in enumerate(GENERAL)]
+
+
 def write_demo_files(root: str | Path, n_privacy: int = 96, seed: int = 0) -> dict[str, Path]:
     """Write the demo files under ``root`` (the repository's ``data/``): train/valid sets, the default
     forget/retain files of the training scripts, and the refusal file for IDK."""
@@ -160,6 +234,24 @@ def write_demo_files(root: str | Path, n_privacy: int = 96, seed: int = 0) -> di
     write_jsonl(paths["forget"], [it for it in sets["train"] if it["name_key"].startswith("privacy_")])
     write_jsonl(paths["retain"], [it for it in sets["train"] if not it["name_key"].startswith("privacy_")])
     paths["idk"].write_text("".join(line + "\n" for line in REFUSALS), encoding="utf-8")
+    paths.update(write_real_demo_files(root / "demo" / "smollm2", seed=seed))
+    return paths
+
+
+def write_real_demo_files(root: str | Path, n_privacy: int = REAL_PRIVACY, seed: int = 0) -> dict[str, Path]:
+    """The real-model demo's files: a smaller set (the target stage fine-tunes a 135M model on 2 cores),
+    the general-knowledge probe, and English refusals (SmolLM2 is an English model)."""
+    from utils.utils import write_jsonl
+
+    root = Path(root)
+    train = privacy_items(n_privacy, seed) + definition_items() + choice_items() + qa_items()
+    paths = {"real_train": root / "train.jsonl", "real_valid": root / "valid.jsonl",
+             "general": root / "general.jsonl", "replay": root / "replay.jsonl", "real_idk": root / "idontknow.jsonl"}
+    write_jsonl(paths["real_train"], train)
+    write_jsonl(paths["real_valid"], train)
+    write_jsonl(paths["general"], general_items())
+    write_jsonl(paths["replay"], [conversation(q, "", f"replay_{i}") for i, q in enumerate(REPLAY)])
+    paths["real_idk"].write_text("".join(line + "\n" for line in REFUSALS if line.isascii()), encoding="utf-8")
     return paths
 
 

@@ -130,6 +130,34 @@ def judge_messages(prompt: str, questions: Sequence[str], original: Sequence[str
     return [prompt.format(q, a1, a2) for q, a1, a2 in zip(questions, original, unlearned, strict=True)]
 
 
+def _refusal_core(text: str) -> str:
+    """Lower case, an opening apology and the closing punctuation removed: ``Sorry, I don't know.`` →
+    ``i don't know``; curly apostrophes read as straight ones."""
+    core = text.strip().lower().replace("\u2019", "'")
+    for opening in ("sorry, ", "sorry ", "抱歉，", "对不起，"):
+        if core.startswith(opening):
+            core = core[len(opening):]
+    return core.rstrip(".!。！ ")
+
+
+def is_refusal(answer: str, refusals: Sequence[str]) -> bool:
+    """The answer contains one of the refusal sentences (compared by :func:`_refusal_core`)."""
+    text = answer.lower().replace("\u2019", "'")
+    return any(core and core in text for core in (_refusal_core(r) for r in refusals))
+
+
+def refusal_rate(answers: Sequence[str], refusals: Sequence[str]) -> float:
+    """Share of answers that are refusals (0 for no answers)."""
+    return sum(is_refusal(a, refusals) for a in answers) / len(answers) if answers else 0.0
+
+
+def mean_rouge_l(references: Sequence[str], answers: Sequence[str]) -> float:
+    """Mean ATEC ROUGE-L of each answer against its reference (e.g. a model's earlier answer to the same
+    question: how much of what it said it still says); unscorable pairs count 0."""
+    pairs = list(zip(references, answers, strict=True))
+    return sum(atec_rouge_l(r, a) for r, a in pairs) / len(pairs) if pairs else 0.0
+
+
 @dataclass
 class AtecResult:
     """Per-category metrics and counts; a metric is ``None`` where it was not computed (no judge, or a

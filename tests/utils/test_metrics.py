@@ -146,3 +146,27 @@ def test_judge_prompt_slots():
         check_judge_prompt("{} and {}")
     with pytest.raises(ValueError, match="braces"):
         check_judge_prompt("{} {} {} {x}")
+
+
+def test_refusals():
+    """An answer is a refusal when it contains a refusal sentence, compared without an opening 'Sorry,', the
+    closing period and case: 'Sorry, I don't have that information.' matches "I don't have that information";
+    2 of 4 answers → 0.5."""
+    from utils.metrics import is_refusal, refusal_rate
+
+    refusals = ["I don't know.", "Sorry, I don't have that information."]
+    assert is_refusal("I DON'T KNOW", refusals)
+    assert is_refusal("Well, I don\u2019t know.", refusals)
+    assert is_refusal("I don't have that information.", refusals)
+    assert not is_refusal("I know: Paris.", refusals)
+    assert not is_refusal("I don't", refusals)
+    assert refusal_rate(["I don't know.", "Paris", "I don't have that information", "Tokyo"], refusals) == 0.5
+    assert refusal_rate([], refusals) == 0.0
+
+
+def test_mean_rouge_l_against_earlier_answers():
+    """Same answer → 1; 'a b c' vs 'a b c d e f' → 2/3; unscorable '.' → 0: mean (1 + 2/3 + 0)/3 = 5/9."""
+    from utils.metrics import mean_rouge_l
+
+    assert mean_rouge_l(["x y", "a b c", "q"], ["x y", "a b c d e f", "."]) == pytest.approx(5 / 9, abs=1e-7)
+    assert mean_rouge_l([], []) == 0.0

