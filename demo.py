@@ -147,13 +147,12 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
                     str(setup["data"] / "replay.jsonl"), "--out", str(target), "--epochs",
                     str(args.target_epochs), "--lr", str(setup["target_lr"])], "target stage")
         general = str(setup["data"] / "general.jsonl")
-        tokens = str(setup["general_tokens"])
         predict(stages, REAL_MODEL, general, cache / "general_untouched.jsonl", setup["general_tokens"],
                 "general-knowledge probe: the untouched model's answers", "target stage")
         predict(stages, target, general, cache / "general_target.jsonl", setup["general_tokens"],
                 "general-knowledge probe: the target's answers", "target stage")
         predict(stages, target, str(setup["data"] / "replay.jsonl"), cache / "replay_target.jsonl",
-                int(tokens) + 16, "replay questions: the target's answers (retain data)", "target stage")
+                setup["general_tokens"] + 16, "replay questions: the target's answers (retain data)", "target stage")
     else:
         stages.run("build the target model (memorise the training set)",
                    [py, "-m", "utils.tiny_model", "--data", args.train_data, "--out", str(target),
