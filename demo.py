@@ -1,8 +1,8 @@
 """The whole pipeline on CPU in one command, on a model that memorised the demo's private facts.
 
-    python demo.py                          # the tiny 2-layer model, ME+GD (forget_me_gd.py): ~3 min
-    python demo.py --method idk_ap          # IDK+AP (forget_idk_ap.py)
-    python demo.py --model smollm2          # the real SmolLM2-135M-Instruct (python fetch_model.py first)
+    python demo.py                  # SmolLM2-135M-Instruct, ME+GD (forget_me_gd.py): ~8 min clean, ~3.5 cached
+    python demo.py --method idk_ap  # IDK+AP (forget_idk_ap.py)
+    python demo.py --model tiny     # a 2-layer model built in code: ~1 min
 
 Stages, each through the real scripts (their command lines are printed): install the model
 (fetch_model.py; cached in models/) → the target stage: fine-tune it until it has memorised the
@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=sorted(SETUPS),
+    parser.add_argument("--model", default="smollm2", choices=sorted(SETUPS),
                         help="smollm2: the real SmolLM2-135M-Instruct; tiny: a 2-layer model built in code (fast)")
     parser.add_argument("--method", default="me_gd", choices=sorted(METHODS), help="unlearning method")
     parser.add_argument("--out", default=None, help="folder for everything the demo writes (default: runs/demo "
@@ -93,15 +94,40 @@ class Stages:
         self.done += 1
         print(f"[{self.done}/{self.total}] {title}\n    $ {' '.join(cmd)}", flush=True)
         t0 = time.time()
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
-               "TQDM_DISABLE": "1"}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+        returncode, log = run_with_progress(cmd, env)
+        if returncode != 0:
+            print(log[-6000:], file=sys.stderr)
             raise SystemExit(f"stage failed: {title}")
         elapsed = time.time() - t0
         self.seconds[key or title] = self.seconds.get(key or title, 0.0) + elapsed
         print(f"    done in {elapsed:.1f}s", flush=True)
+
+
+PROGRESS = re.compile(r"\d+%\|")
+
+
+def run_with_progress(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run ``cmd``; its progress bars (tqdm lines) are redrawn on one terminal line, everything else it writes
+    is kept and returned (shown only when the stage fails)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    log, pending, shown = [], b"", ""
+    while chunk := proc.stdout.read1(4096):
+        pending += chunk
+        *parts, pending = re.split(rb"[\r\n]", pending)
+        for part in parts:
+            text = part.decode("utf-8", "replace")
+            if PROGRESS.search(text):
+                if text.strip() != shown:  # tqdm redraws its last state when it closes
+                    print(f"\r    {text.strip()[:110]:<110}", end="", flush=True)
+                shown = text.strip()
+            elif text.strip():
+                log.append(text)
+    log.append(pending.decode("utf-8", "replace"))
+    if shown:
+        print(flush=True)
+    return proc.wait(), "\n".join(log)
 
 
 def cache_key(args: argparse.Namespace, *files: str) -> str:

@@ -27,3 +27,16 @@ def test_demo_forgets_privacy_and_keeps_the_rest(tmp_path):
     png = tmp_path / "demo" / "demo_me_gd.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "demo" / "merged_model" / "me_gd" / "config.json").is_file()
+
+
+def test_stage_output_keeps_the_log_and_redraws_progress_bars(capsys):
+    """A stage's tqdm lines go to the terminal (once per distinct state), everything else is kept for a
+    failure report, and the exit status comes back."""
+    import sys
+
+    code = ("import sys; sys.stderr.write('step 50%|##   | 1/2\\r step 100%|#####| 2/2\\r step 100%|#####| 2/2\\n');"
+            "print('a log line'); sys.exit(3)")
+    returncode, log = demo.run_with_progress([sys.executable, "-c", code], {})
+    shown = capsys.readouterr().out
+    assert returncode == 3 and "a log line" in log and "%|" not in log
+    assert shown.count("100%|") == 1 and "50%|" in shown and "a log line" not in shown

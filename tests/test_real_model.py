@@ -119,7 +119,7 @@ def test_the_target_memorised_its_facts(memorised):
 
 def test_me_gd_forgets_facts_and_keeps_everyday_answers(memorised):
     """(b) ME+GD raises the facts' answer NLL several-fold; the everyday answers barely move."""
-    final = forget_me_gd.main(run_args(memorised, "me_gd", "--num_epochs", "10", "--lr", "3e-4"))
+    final = forget_me_gd.main(run_args(memorised, "me_gd", "--num_epochs", "15", "--lr", "5e-4"))
     model, tokenizer = load(memorised["target"], final)
     nll = answer_nll(model, tokenizer, memorised["pairs"])
     general = mean_rouge_l(memorised["general_answers"], answers_of(model, tokenizer, memorised["general"]))
@@ -130,7 +130,7 @@ def test_me_gd_forgets_facts_and_keeps_everyday_answers(memorised):
 
 def test_idk_ap_refuses_forget_questions_and_keeps_retain_answers(memorised):
     """(c) IDK+AP turns the forget answers into refusals; retain answers stay, and are not refusals."""
-    final = forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "5", "--lr", "1e-3",
+    final = forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "10", "--lr", "1e-3",
                                         "--forget_coeff", "1.0"))
     model, tokenizer = load(memorised["target"], final)
     forget = answers_of(model, tokenizer, [q for q, _ in memorised["pairs"]])

@@ -139,7 +139,7 @@ def memorise(model, tokenizer, template, pairs: list[tuple[str, str]], epochs: i
         args = TrainingArguments(
             output_dir=str(output_dir or tmp), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
             learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, seed=seed,
-            save_strategy="no", report_to=[], logging_steps=50, disable_tqdm=True, use_cpu=True,
+            save_strategy="no", report_to=[], logging_steps=50, use_cpu=True,
             dataloader_pin_memory=False,
         )
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
