@@ -181,7 +181,7 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
                 setup["general_tokens"] + 16, "replay questions: the target's answers (retain data)", "target stage")
     else:
         stages.run("build the target model (memorise the training set)",
-                   [py, "-m", "utils.tiny_model", "--data", args.train_data, "--out", str(target),
+                   [py, "-m", "zoo.tiny", "--data", args.train_data, "--out", str(target),
                     "--epochs", str(args.target_epochs)], "target stage")
     predict(stages, target, args.train_data, cache / "train_pred.jsonl", setup["max_new_tokens"],
             "predict the training set with the target model", "predict")
@@ -212,7 +212,7 @@ def extra_metrics(args: argparse.Namespace, results: Path, cache: Path, name: st
     """General knowledge (ROUGE-L of the probe's answers against the target's and the untouched model's) and
     refusal rates on forget questions and on the rest."""
     from dataset.data_module import load_lines, load_qa_jsonl
-    from utils.metrics import mean_rouge_l, refusal_rate
+    from evals.atec import mean_rouge_l, refusal_rate
 
     items = load_qa_jsonl(args.valid_data)
     answers = read_answers(results / f"{name}.jsonl" if name != "original" else cache / "original.jsonl")

@@ -21,9 +21,8 @@ import json
 import logging
 from pathlib import Path
 
-from dataset.data_module import iter_jsonl, load_qa_jsonl
-from utils.inference import BACKENDS, GenerationConfig, build_prompts, generate
-from utils.metrics import (
+from dataset.data_module import load_predictions, load_qa_jsonl
+from evals.atec import (
     ANSWER_MARKER,
     DEFAULT_JUDGE_PROMPT,
     MissingCategoryError,
@@ -34,25 +33,10 @@ from utils.metrics import (
     judge_messages,
     parse_verdict,
 )
+from evals.generation import BACKENDS, GenerationConfig, build_prompts, generate
 from utils.utils import UserError, bool_arg, check_model_folder, run_cli, setup_logging, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-def load_predictions(path: str | Path, data_path: str | Path | None = None, expected: int | None = None) -> list[str]:
-    """Answers from a `{"text": ...}` JSONL file; errors name the file, line and field.
-
-    With ``expected``, the file must hold exactly that many answers (one per question of ``data_path``).
-    """
-    answers = []
-    for number, obj in iter_jsonl(path):
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise UserError(f"{path}, line {number}: expected an object with a string field 'text'")
-        answers.append(obj["text"])
-    if expected is not None and len(answers) != expected:
-        raise UserError(f"{path} has {len(answers)} answers but {data_path} has {expected} questions; "
-                        "they must be line-aligned")
-    return answers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,7 +15,7 @@ Aggregate two existing logs (names as TOFU's aggregate script):
 Writes `eval_log_aggregated.json` (TOFU's layout) and `aggregate_stat.json` (Model Utility, Forget
 Quality and the twelve sub-metrics, by TOFU's names) into `--save_dir`. Forget quality needs the log
 of a model trained on the retain split only (`--retain_result`); without it, it is null. The formulas
-are in `utils/tofu_eval.py`.
+are in `evals/tofu.py`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.tofu_eval import add_tofu_set_args, aggregate, format_table, load_log, run_evaluation, set_paths
+from evals.tofu import add_tofu_set_args, aggregate, format_table, load_log, run_evaluation, set_paths
 from utils.utils import UserError, bool_arg, check_model_folder, run_cli, setup_logging, write_json
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.inference import torch_dtype
+    from evals.generation import torch_dtype
     from utils.utils import load_chat_template
 
     if not args.model_path:

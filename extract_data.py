@@ -20,10 +20,9 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from dataset.data_module import load_qa_jsonl
-from evaluate import load_predictions
-from predict_demo import add_generation_args, predict_answers
-from utils.metrics import atec_rouge_l_or_none
+from dataset.data_module import load_predictions, load_qa_jsonl
+from evals.atec import atec_rouge_l_or_none
+from evals.generation import add_generation_args, predict_answers
 from utils.utils import UserError, atomic_path, bool_arg, check_model_folder, run_cli, setup_logging, write_jsonl
 
 

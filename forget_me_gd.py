@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.unlearn import main_for
+from trainer.recipe import main_for
 from utils.utils import run_cli
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset.data_module import QAItem, load_qa_jsonl
-from utils.inference import BACKENDS, GenerationConfig, build_prompts, generate
+from dataset.data_module import load_qa_jsonl
+from evals.generation import add_generation_args, predict_answers, prompt_format
 from utils.utils import (
     UserError,
     bool_arg,
@@ -26,60 +26,8 @@ from utils.utils import (
     load_chat_template,
     run_cli,
     setup_logging,
-    str2bool,
     write_jsonl,
 )
-
-PROMPT_FORMATS = ("chat_template", "tags")
-
-
-def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 2048) -> None:
-    """Inference options shared by predict_demo.py and extract_data.py --predict."""
-    group = parser.add_argument_group("generation")
-    group.add_argument("--prompt_format", default="chat_template", choices=PROMPT_FORMATS,
-                       help="chat_template: the tokenizer's own chat template (the competition's inference); "
-                            "tags: the --model_type family's tags, as training formats questions")
-    group.add_argument("--model_type", default="qwen2_5",
-                       help="model family or alias from config/model_config.yaml (for --prompt_format tags)")
-    group.add_argument("--use_chat_template", type=str2bool, nargs="?", const=True, default=None,
-                       help=argparse.SUPPRESS)  # earlier spelling: true = chat_template, false = tags
-    group.add_argument("--backend", default="auto", choices=BACKENDS, help="inference engine")
-    group.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per model (vLLM)")
-    group.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM's share of GPU memory")
-    group.add_argument("--max_model_len", type=int, default=None, help="vLLM's context length (default: model's)")
-    group.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="longest answer in tokens")
-    group.add_argument("--batch_size", type=int, default=16, help="prompts per batch (transformers backend)")
-    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="auto: bfloat16 on a GPU that supports it, float32 on CPU")
-    bool_arg(group, "--trust_remote_code", False, "allow the model folder's own Python code to run")
-
-
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            tensor_parallel_size=args.tensor_parallel_size,
-                            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                            dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-
-
-def prompt_format(args: argparse.Namespace) -> str:
-    """``--prompt_format``, with the earlier ``--use_chat_template true|false`` taking precedence when given."""
-    if args.use_chat_template is not None:
-        return "chat_template" if args.use_chat_template else "tags"
-    return args.prompt_format
-
-
-def predict_answers(args: argparse.Namespace, items: list[QAItem]) -> list[str]:
-    """Answers of ``args.model_path`` to every question of ``items`` (in order)."""
-    use_template = prompt_format(args) == "chat_template"
-    template = None if use_template else load_chat_template(args.model_type)
-    tokenizer = None
-    if use_template:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
-    prompts = build_prompts([it.question for it in items], template, tokenizer)
-    answers = generate(args.model_path, prompts, generation_config(args), backend=args.backend)
-    return [a if a else " " for a in answers]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

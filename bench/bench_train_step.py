@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     """Write the forget/retain/refusal files and (unless given) the random model; returns their paths."""
-    from utils.demo_data import REFUSALS
     from utils.utils import write_jsonl
+    from zoo.demo_data import REFUSALS
 
     use_tofu = args.data == "tofu" or (args.data == "auto" and TOFU.is_dir())
     if use_tofu:
@@ -90,7 +90,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
         model_path = build_preset(args.preset, workdir)
     if model_path is None:
         from dataset.data_module import load_qa_jsonl
-        from utils.tiny_model import build_model, build_tokenizer
+        from zoo.tiny import build_model, build_tokenizer
 
         texts = [f"{i.question} {i.answer}" for p in ("forget", "retain")
                  for i in load_qa_jsonl(workdir / f"{p}.jsonl")]
@@ -110,7 +110,7 @@ def build_preset(preset: str, workdir: Path) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from dataset.data_module import load_qa_jsonl
-    from utils.tiny_model import build_tokenizer
+    from zoo.tiny import build_tokenizer
 
     texts = [f"{i.question} {i.answer}" for p in ("forget", "retain") for i in load_qa_jsonl(workdir / f"{p}.jsonl")]
     tokenizer = build_tokenizer(texts, vocab_size=4096)
@@ -146,10 +146,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    import trainer.unlearn as unlearn
+    import trainer.recipe as unlearn
+    from trainer.arguments import add_unlearn_args
     from trainer.losses import LOSSES, LossTerm
     from trainer.unlearn_trainer import UnlearnTrainer
-    from utils.utils import add_unlearn_args
 
     torch.manual_seed(0)
     workdir = Path(args.workdir)

@@ -28,6 +28,7 @@ __all__ = [
     "QAItem",
     "load_qa_jsonl",
     "load_lines",
+    "load_predictions",
     "encode_qa",
     "paired_indices",
     "ForgetRetainDataset",
@@ -108,6 +109,22 @@ def load_qa_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> list[QA
     if not items and not allow_empty:
         raise UserError(f"{path}: no items (the file is empty)")
     return items
+
+
+def load_predictions(path: str | Path, data_path: str | Path | None = None, expected: int | None = None) -> list[str]:
+    """Answers from a `{"text": ...}` JSONL file; errors name the file, line and field.
+
+    With ``expected``, the file must hold exactly that many answers (one per question of ``data_path``).
+    """
+    answers = []
+    for number, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise UserError(f"{path}, line {number}: expected an object with a string field 'text'")
+        answers.append(obj["text"])
+    if expected is not None and len(answers) != expected:
+        raise UserError(f"{path} has {len(answers)} answers but {data_path} has {expected} questions; "
+                        "they must be line-aligned")
+    return answers
 
 
 def load_lines(path: str | os.PathLike) -> list[str]:

@@ -15,8 +15,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from utils.tiny_model import save_tiny_model  # noqa: E402
 from utils.utils import load_chat_template  # noqa: E402
+from zoo.tiny import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -63,9 +63,9 @@ REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have th
 @pytest.fixture(scope="session")
 def target(tmp_path_factory) -> dict:
     """A tiny model that has memorised 16 private facts (forget) and 16 definitions (retain), with its files."""
-    from utils.demo_data import definition_items, privacy_items
-    from utils.tiny_model import build_target_model
     from utils.utils import write_jsonl
+    from zoo.demo_data import definition_items, privacy_items
+    from zoo.tiny import build_target_model
 
     root = tmp_path_factory.mktemp("target")
     forget, retain = privacy_items(16, seed=0), definition_items()[:16]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import demo
-from utils.demo_data import choice_items, definition_items, privacy_items, qa_items
 from utils.utils import write_jsonl
+from zoo.demo_data import choice_items, definition_items, privacy_items, qa_items
 
 
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def test_missing_category_stops_before_the_judge(target, tmp_path, capsys):
 def test_atec_validation_set_with_original_answers(shared_data, tmp_path):
     """The original model's answers scored against the ATEC 2025 validation set (2,500 items), checked
     against a literal transcription of the competition's scoring loop (its prefixes, its '' → 0, its
-    split('【答案】')[1]), written here independently of utils/metrics.py."""
+    split('【答案】')[1]), written here independently of evals/atec.py."""
     import jieba
     from rouge import Rouge
 

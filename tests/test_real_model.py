@@ -13,11 +13,11 @@ import torch
 import forget_idk_ap
 import forget_me_gd
 from dataset.data_module import ForgetRetainCollator, encode_qa
+from evals.atec import mean_rouge_l, refusal_rate
+from evals.generation import GenerationConfig, generate_with_model
 from trainer.losses import nll_loss
-from utils.demo_data import GENERAL, REFUSALS, REPLAY, privacy_items
-from utils.inference import GenerationConfig, generate_with_model
-from utils.metrics import mean_rouge_l, refusal_rate
 from utils.utils import load_chat_template, write_jsonl
+from zoo.demo_data import GENERAL, REFUSALS, REPLAY, privacy_items
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -130,7 +130,7 @@ def test_me_gd_forgets_facts_and_keeps_everyday_answers(memorised):
 
 def test_idk_ap_refuses_forget_questions_and_keeps_retain_answers(memorised):
     """(c) IDK+AP turns the forget answers into refusals; retain answers stay, and are not refusals."""
-    final = forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "10", "--lr", "1e-3",
+    final = forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "10", "--lr", "2e-3",
                                         "--forget_coeff", "1.0"))
     model, tokenizer = load(memorised["target"], final)
     forget = answers_of(model, tokenizer, [q for q, _ in memorised["pairs"]])

@@ -18,7 +18,7 @@ import evaluate
 import forget_idk_ap
 import forget_me_gd
 import merge
-import trainer.unlearn
+import trainer.recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "name_key": "p_1"}
@@ -66,7 +66,7 @@ def test_training_bad_input(target, tmp_path, capsys, monkeypatch, name, break_i
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was validated")
 
-    monkeypatch.setattr(trainer.unlearn, "build_model", no_model)
+    monkeypatch.setattr(trainer.recipe, "build_model", no_model)
     code, err = run_script(forget_me_gd, training_argv(target, tmp_path, break_it(target, tmp_path)), capsys)
     assert code == 2
     assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -19,50 +19,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from dataset.data_module import IGNORE_INDEX
+from evals.logprobs import sequence_nll, shift_labels, token_nll, upcast
 
 # Tokens per chunk in the ME loss: bounds the float32 temporaries to chunk x V at a time.
 ME_CHUNK_TOKENS = 256
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits are upcast to float32 for the reductions; float32/64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels moved one step left (``IGNORE_INDEX`` at the end): position t of the logits predicts label t + 1.
-
-    Shifting the labels rather than slicing the logits keeps the logits a contiguous view: slicing them
-    would copy ``B x T x V`` values forward and fill a zero ``B x T x V`` gradient backward.
-    """
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
-
-
-def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token NLL (0 where ignored) and the mask of counted tokens, both ``(B, T)``."""
-    target = shift_labels(labels)
-    nll = F.cross_entropy(
-        _upcast(logits.reshape(-1, logits.size(-1))), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-    ).view(target.shape)
-    return nll, target != IGNORE_INDEX
-
-
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token NLL over all counted tokens of the batch (a Hugging Face causal-LM loss). GD and IDK use it."""
-    nll, mask = _token_nll(logits, labels)
+    nll, mask = token_nll(logits, labels)
     return nll.sum() / mask.sum().clamp(min=1)
 
 
 def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Gradient ascent: the negated NLL."""
     return -nll_loss(logits, labels)
-
-
-def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of each sequence's counted tokens, shape ``(B,)`` (= -log p(answer | prompt))."""
-    nll, _ = _token_nll(logits, labels)
-    return nll.sum(dim=-1)
 
 
 class _MaxEntropy(torch.autograd.Function):
@@ -79,10 +51,10 @@ class _MaxEntropy(torch.autograd.Function):
         rows = mask.reshape(-1).nonzero().squeeze(1)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
-            z = _upcast(flat.index_select(0, rows[start : start + ME_CHUNK_TOKENS]))
+            z = upcast(flat.index_select(0, rows[start : start + ME_CHUNK_TOKENS]))
             total += (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).sum(dtype=torch.float64)
         ctx.save_for_backward(logits, rows)
-        return (total / rows.numel()).to(_upcast(logits[:0]).dtype)
+        return (total / rows.numel()).to(upcast(logits[:0]).dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -94,7 +66,7 @@ class _MaxEntropy(torch.autograd.Function):
         scale = grad_out / rows.numel()
         for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
             idx = rows[start : start + ME_CHUNK_TOKENS]
-            probs = torch.softmax(_upcast(flat.index_select(0, idx)), dim=-1)
+            probs = torch.softmax(upcast(flat.index_select(0, idx)), dim=-1)
             flat_grad.index_copy_(0, idx, ((probs - 1.0 / vocab) * scale).to(grad.dtype))
         return grad, None
 
@@ -158,8 +130,8 @@ def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
     mask = shift_labels(labels) != IGNORE_INDEX
     if not mask.any():
         return logits.sum() * 0.0
-    logp = F.log_softmax(_upcast(logits[mask]), dim=-1)  # (N, V)
-    ref_logp = F.log_softmax(_upcast(ref_logits[mask]), dim=-1).detach()
+    logp = F.log_softmax(upcast(logits[mask]), dim=-1)  # (N, V)
+    ref_logp = F.log_softmax(upcast(ref_logits[mask]), dim=-1).detach()
     return F.kl_div(logp, ref_logp, reduction="sum", log_target=True) / mask.sum()
 
 

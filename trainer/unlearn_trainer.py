@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from trainer.losses import IGNORE_INDEX, LossTerm, PartOutput
+from dataset.data_module import IGNORE_INDEX
+from trainer.losses import LossTerm, PartOutput
 
 logger = logging.getLogger(__name__)
 

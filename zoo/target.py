@@ -31,8 +31,8 @@ def build_memorised_model(base: str | os.PathLike, out: str | os.PathLike, pairs
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.inference import GenerationConfig, generate_with_model
-    from utils.tiny_model import memorise
+    from evals.generation import GenerationConfig, generate_with_model
+    from zoo.tiny import memorise
 
     seed_everything(seed)
     template = load_chat_template(family)

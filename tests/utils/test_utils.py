@@ -88,7 +88,7 @@ def test_tiny_model_reloads_and_generates(tiny_model_dir, tokenizer, tiny_model)
 
 def test_reloaded_tokenizer_splits_like_the_built_one(tiny_model_dir, tokenizer):
     """AutoTokenizer reloads a qwen2 folder as Qwen2Tokenizer; it must tokenise exactly as the built one."""
-    from utils.tiny_model import build_tokenizer
+    from zoo.tiny import build_tokenizer
 
     built = build_tokenizer()
     text = "The phone of Gao Fang is 170-7153-2424. 我不知道。\n<|im_start|>user\nHi<|im_end|>"

@@ -256,7 +256,7 @@ def write_real_demo_files(root: str | Path, n_privacy: int = REAL_PRIVACY, seed:
 
 
 if __name__ == "__main__":
-    # python -m utils.demo_data  -> rewrites the committed files under data/
+    # python -m zoo.demo_data  -> rewrites the committed files under data/
     from utils.utils import PROJECT_ROOT
 
     for name, path in write_demo_files(PROJECT_ROOT / "data").items():

@@ -84,7 +84,7 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
     import torch
 
     from dataset.data_module import ForgetRetainCollator, encode_qa
-    from trainer.losses import IGNORE_INDEX, sequence_nll
+    from evals.logprobs import token_nll
 
     samples = []
     for q, a in zip(questions, answers, strict=True):
@@ -100,8 +100,9 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
         batch = {k: v.to(model.device) for k, v in collate(samples[start : start + batch_size])["x"].items()}
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        sums += sequence_nll(logits.float(), batch["labels"]).tolist()
-        counts += (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).tolist()
+        nll, counted = token_nll(logits.float(), batch["labels"])
+        sums += nll.sum(-1).tolist()
+        counts += counted.sum(-1).tolist()
     return sums, counts
 
 
@@ -117,7 +118,7 @@ def rouge_recalls(golds: Sequence[str], generations: Sequence[str]) -> tuple[lis
 def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], base_key: str, normalise: bool,
                  batch_size: int = 16, generate: bool = True) -> dict[str, dict]:
     """One set's per-item log, in TOFU's layout (``{metric: {index: value}}``)."""
-    from utils.inference import GenerationConfig, generate_with_model
+    from evals.generation import GenerationConfig, generate_with_model
 
     questions = [it["question"] for it in items]
     keys = [str(i) for i in range(len(items))]

@@ -232,10 +232,10 @@ def test_group_by_length_reduces_padding(target, tmp_path):
     """--group_by_length samples every item once per epoch, in batches of similar length."""
     import argparse
 
-    import trainer.unlearn as unlearn
+    import trainer.recipe as unlearn
+    from trainer.arguments import add_unlearn_args
     from trainer.losses import LOSSES
     from trainer.unlearn_trainer import UnlearnTrainer
-    from utils.utils import add_unlearn_args
 
     parser = argparse.ArgumentParser()
     add_unlearn_args(parser, loss_type="ME+GD", max_length=400, forget_coeff=1.0, loss_choices=sorted(LOSSES))
@@ -284,7 +284,7 @@ ORIGINAL_DEFAULTS = {
 def test_defaults_are_the_original_scripts(method):
     """Every default the original parsers define (max_grad_norm: the original defined none and clipped only
     `if hasattr(args, 'max_grad_norm')`, so it never clipped: 0 = off)."""
-    from trainer.unlearn import build_parser
+    from trainer.recipe import build_parser
 
     args = build_parser(method, "").parse_args(["--model_path", "m"])
     for key, value in ORIGINAL_DEFAULTS[method].items():
@@ -293,7 +293,7 @@ def test_defaults_are_the_original_scripts(method):
 
 def test_warmup_rounds_down_as_the_original(tmp_path):
     """The original: int(warmup_ratio * total_steps); 30 steps at 0.05 → 1 (transformers' own ceil gives 2)."""
-    from trainer.unlearn import build_parser, build_training_args
+    from trainer.recipe import build_parser, build_training_args
     from trainer.unlearn_trainer import UnlearnTrainingArguments
 
     parsed = build_parser("me_gd", "").parse_args(["--model_path", "m"])

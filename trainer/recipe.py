@@ -96,7 +96,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.eval_tofu:
-        from utils.tofu_eval import load_log, set_paths
+        from evals.tofu import load_log, set_paths
 
         set_paths(args)
         if args.tofu_retain_result:
@@ -163,7 +163,7 @@ def build_model(args: argparse.Namespace, template, bf16: bool):
 def _use_bf16(args: argparse.Namespace) -> bool:
     import torch
 
-    from utils.inference import torch_dtype
+    from evals.generation import torch_dtype
 
     if args.bf16 is not None:
         return args.bf16
@@ -265,7 +265,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out_dir: Path) -> None:
     """``--eval_tofu``: TOFU logs and summary of the trained model in ``<run>/tofu_eval`` (main process)."""
-    from utils.tofu_eval import format_table, run_evaluation, set_paths
+    from evals.tofu import format_table, run_evaluation, set_paths
 
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model).eval()
@@ -297,7 +297,7 @@ def save_final(trainer, out_dir: Path) -> Path:
 
 def build_parser(method: str, description: str) -> argparse.ArgumentParser:
     """The argument parser of a forget script, with that script's defaults (``SCRIPT_DEFAULTS[method]``)."""
-    from utils.utils import add_unlearn_args
+    from trainer.arguments import add_unlearn_args
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_unlearn_args(parser, loss_choices=sorted(LOSSES), **SCRIPT_DEFAULTS[method])

@@ -177,7 +177,7 @@ def build_target_model(
 
 
 if __name__ == "__main__":
-    # python -m utils.tiny_model --data data/demo/train.jsonl --out runs/demo/target [--epochs 60]
+    # python -m zoo.tiny --data data/demo/train.jsonl --out runs/demo/target [--epochs 60]
     import argparse
 
     from dataset.data_module import load_qa_jsonl

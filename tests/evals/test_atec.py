@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from utils.metrics import (
+from evals.atec import (
     DEFAULT_JUDGE_PROMPT,
     MissingCategoryError,
     atec_rouge_l,
@@ -152,7 +152,7 @@ def test_refusals():
     """An answer is a refusal when it contains a refusal sentence, compared without an opening 'Sorry,', the
     closing period and case: 'Sorry, I don't have that information.' matches "I don't have that information";
     2 of 4 answers → 0.5."""
-    from utils.metrics import is_refusal, refusal_rate
+    from evals.atec import is_refusal, refusal_rate
 
     refusals = ["I don't know.", "Sorry, I don't have that information."]
     assert is_refusal("I DON'T KNOW", refusals)
@@ -166,7 +166,7 @@ def test_refusals():
 
 def test_mean_rouge_l_against_earlier_answers():
     """Same answer → 1; 'a b c' vs 'a b c d e f' → 2/3; unscorable '.' → 0: mean (1 + 2/3 + 0)/3 = 5/9."""
-    from utils.metrics import mean_rouge_l
+    from evals.atec import mean_rouge_l
 
     assert mean_rouge_l(["x y", "a b c", "q"], ["x y", "a b c d e f", "."]) == pytest.approx(5 / 9, abs=1e-7)
     assert mean_rouge_l([], []) == 0.0

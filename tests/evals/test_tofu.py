@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.tofu_eval import EVAL_TASKS, aggregate, answer_losses, evaluate_set
+from evals.tofu import EVAL_TASKS, aggregate, answer_losses, evaluate_set
 
 ITEMS = [
     {"question": "Who wrote the book?", "answer": "Li Wei wrote it.", "paraphrased_answer": "It was Li Wei.",

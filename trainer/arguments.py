@@ -1,0 +1,79 @@
+"""The training scripts' command line: names, meanings and defaults as the original scripts', one place for both."""
+
+from __future__ import annotations
+
+import argparse
+
+from evals.tofu import add_tofu_set_args
+from utils.utils import add_model_args, bool_arg
+
+
+def add_unlearn_args(
+    parser: argparse.ArgumentParser, *, loss_type: str, max_length: int, forget_coeff: float, loss_choices: list[str],
+    num_epochs: int = 5, save_steps: int = 10,
+    output_dir: str = "${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}",
+) -> None:
+    """The training scripts' arguments (names, meanings and defaults as the original scripts'), per-script defaults."""
+    add_model_args(parser, model_path=None, family="qwen2.5-8b")
+    parser.add_argument("--config_file", default="accelerate_config.yaml",
+                        help="accepted for the original command lines; accelerate reads its config from "
+                             "`accelerate launch --config_file FILE script.py` (before the script name)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--forget_data_path", default="./data/forget/forget.jsonl", help="JSONL of items to forget")
+    data.add_argument("--retain_data_path", default="./data/retain/retain.jsonl", help="JSONL of items to keep")
+    data.add_argument("--idk_data_path", default="./data/idontknow.jsonl",
+                      help="refusal sentences, one a line (losses with IDK/DPO/AP parts)")
+    data.add_argument("--max_length", type=int, default=max_length, help="token limit of each formatted sample")
+    bool_arg(data, "--mask", False, "mask the forget question's labels (retain questions are always masked)")
+    bool_arg(data, "--pad_to_max_length", False,
+             "reproduce the original scripts: pad every sample to --max_length with EOS, and with --mask false "
+             "use the padded ids (EOS padding included) as forget labels")
+
+    loss = parser.add_argument_group("objective")
+    loss.add_argument("--loss_type", default=loss_type, choices=loss_choices, help="forget(+retain) objective")
+    loss.add_argument("--forget_coeff", type=float, default=forget_coeff, help="weight of the forget loss")
+    loss.add_argument("--regularization_coeff", type=float, default=1.0, help="weight of the retain loss")
+    loss.add_argument("--beta", type=float, default=0.1, help="inverse temperature of AP, NPO and DPO")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--num_epochs", type=int, default=num_epochs, help="passes over the forget set")
+    train.add_argument("--bs", type=int, default=1, help="per-device batch size (forget items per step)")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                       help="default: accelerate's config value when launched by it, else 1")
+    train.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
+    train.add_argument("--wd", type=float, default=0.01, help="weight decay")
+    train.add_argument("--lr_scheduler_type", default="cosine",
+                       choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
+    train.add_argument("--warmup_ratio", type=float, default=0.05, help="fraction of optimizer steps for warm-up")
+    train.add_argument("--max_grad_norm", type=float, default=0.0,
+                       help="clip gradients to this norm; 0 = no clipping (the original scripts never clipped)")
+    train.add_argument("--seed", type=int, default=1001, help="seed for LoRA initialisation and data order")
+    train.add_argument("--logging_steps", type=int, default=1, help="log every N optimizer steps")
+    train.add_argument("--save_steps", type=int, default=save_steps,
+                       help="save a resumable checkpoint every N epochs (as the original: epochs, not steps)")
+    bool_arg(train, "--bf16", None, "bfloat16 (default: on when a CUDA GPU supports it)")
+    bool_arg(train, "--gradient_checkpointing", False, "recompute activations to save memory")
+    bool_arg(train, "--group_by_length", False, "batch items of similar length together (less padding, bs > 1)")
+    train.add_argument("--report_to", default="none", help="none, tensorboard, wandb or swanlab (when installed)")
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    lora.add_argument("--lora_alpha", type=int, default=32, help="LoRA scaling alpha")
+    lora.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
+    lora.add_argument("--lora_target_modules", nargs="+", default=["all-linear"],
+                      help="module names to adapt (default: every linear layer but the output head)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--save_root", default="adapter", help="folder that holds run folders")
+    out.add_argument("--output_dir", default=output_dir,
+                     help="run folder (a whole path); ${name} is filled from the arguments")
+    out.add_argument("--resume_from_checkpoint", default=None,
+                     help="a checkpoint folder, or 'latest' for the newest checkpoint-epoch-N of the run")
+    bool_arg(out, "--overwrite", False, "replace a finished run folder's final adapter")
+
+    bool_arg(parser, "--eval_tofu", False, "after training, evaluate on TOFU (the four --*_path sets below) and "
+                                           "write the summary to <run>/tofu_eval/")
+    parser.add_argument("--tofu_retain_result", default=None,
+                        help="--eval_tofu: a retain-only model's eval_log_aggregated.json, for forget quality")
+    add_tofu_set_args(parser)
