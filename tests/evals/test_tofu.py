@@ -78,6 +78,106 @@ def test_batched_losses_equal_one_at_a_time(target, template):
         assert s == pytest.approx(nll.item(), rel=1e-4) and n == int((labels[1:] != -100).sum())
 
 
+@pytest.fixture()
+def bigram_model(tiny_model):
+    """Every layer's weights zero, embeddings and output head random: each layer adds 0 to the residual
+    stream, so the next-token logits are ``W_head @ rmsnorm(embedding[current token])`` - a bigram model
+    whose answer losses differ from answer to answer and can be worked out outside the model."""
+    with torch.no_grad():
+        for name, param in tiny_model.named_parameters():
+            if name.startswith("model.layers."):
+                param.zero_()
+    return tiny_model.eval()
+
+
+def bigram_mean_nll(model, tokenizer, template, question: str, answer: str) -> float:
+    """The answer's mean NLL, from the embedding and head matrices directly (float64), over the labelled
+    positions of the sample that training and evaluation both build."""
+    from dataset.data_module import encode_qa
+
+    sample = encode_qa(tokenizer, template, question, answer, 200, mask=True)
+    emb = model.get_input_embeddings().weight.double()
+    head = model.get_output_embeddings().weight.double()
+    norm = model.model.norm
+    total, count = 0.0, 0
+    for t in range(1, len(sample["labels"])):
+        label = sample["labels"][t]
+        if label == -100:
+            continue
+        e = emb[sample["input_ids"][t - 1]]
+        hidden = e / torch.sqrt(e.pow(2).mean() + norm.variance_epsilon) * norm.weight.double()
+        total -= torch.log_softmax(head @ hidden, dim=-1)[label].item()
+        count += 1
+    return total / count
+
+
+def test_each_answer_lands_in_its_own_metric(bigram_model, tokenizer, template):
+    """Ground-truth, paraphrased and perturbed losses each equal their own answer's worked-out mean NLL
+    (distinct values, so swapping two of them fails), and the per-item truth ratio is
+    exp(paraphrased - mean perturbed), TOFU's stored form."""
+    log = evaluate_set(bigram_model, tokenizer, template, ITEMS, "paraphrased_answer", normalise=True,
+                       batch_size=3, generate=False)
+    for k, item in zip(("0", "1"), ITEMS, strict=True):
+        def nll(answer, item=item):
+            return bigram_mean_nll(bigram_model, tokenizer, template, item["question"], answer)
+
+        gt, para = nll(item["answer"]), nll(item["paraphrased_answer"])
+        pert = [nll(a) for a in item["perturbed_answer"]]
+        assert len({round(v, 4) for v in (gt, para, *pert)}) == 4  # the answers' losses really differ
+        assert log["avg_gt_loss"][k] == pytest.approx(gt, rel=1e-5)
+        assert log["avg_paraphrased_loss"][k] == pytest.approx(para, rel=1e-5)
+        assert log["average_perturb_loss"][k] == pytest.approx(pert, rel=1e-5)
+        assert log["truth_ratio"][k] == pytest.approx(math.exp(para - np.mean(pert)), rel=1e-5)
+        expected_norm = -math.log(math.exp(-gt) / (math.exp(-gt) + sum(math.exp(-x) for x in pert)))
+        assert log["normalized_gt_loss"][k] == pytest.approx(expected_norm, rel=1e-5)
+
+
+def ln(x: float) -> float:
+    return math.log(x)
+
+
+def hand_log(gt, para, pert, rouge) -> dict:
+    """A TOFU per-set log with the given per-item values."""
+    keys = [str(i) for i in range(len(gt))]
+    return {"avg_gt_loss": dict(zip(keys, gt)), "avg_paraphrased_loss": dict(zip(keys, para)),
+            "average_perturb_loss": dict(zip(keys, pert)), "rougeL_recall": dict(zip(keys, rouge))}
+
+
+HAND_LOGS = {  # per set: avg_gt_loss, avg_paraphrased_loss, average_perturb_loss, rougeL_recall (2 items each)
+    "eval_log.json": hand_log([ln(2), ln(4)], [ln(2), ln(2)], [[ln(8), ln(8)], [ln(4), ln(4)]], [0.5, 1.0]),
+    "eval_real_author_wo_options.json": hand_log([ln(2), ln(2)], [ln(2), ln(2)], [[ln(4), ln(4)], [ln(2), ln(2)]],
+                                                 [1.0, 0.0]),
+    "eval_real_world_wo_options.json": hand_log([ln(4), ln(4)], [ln(2), ln(2)], [[ln(4), ln(4)], [ln(4), ln(4)]],
+                                                [0.25, 0.25]),
+    "eval_log_forget.json": hand_log([0.0, ln(2)], [ln(2), ln(8)], [[ln(4), ln(4)], [ln(2), ln(2)]], [1.0, 0.5]),
+}
+
+
+def test_aggregation_by_hand():
+    """R = exp(mean perturbed - paraphrased) per item.
+    Retain: Prob. mean(1/2, 1/4) = 3/8; ROUGE 3/4; R = (4, 2), truth mean(1 - 1/R) = mean(3/4, 1/2) = 5/8.
+    Real Authors: Prob. = p_true / (p_true + sum p_perturbed) = mean(1/2 / 1, 1/2 / 3/2) = 5/12; ROUGE 1/2;
+    R = (2, 1), truth mean(1/2, 0) = 1/4.
+    Real World: Prob. (1/4) / (3/4) = 1/3; ROUGE 1/4; R = (2, 2), truth 1/2.
+    Forget: Prob. mean(1, 1/2) = 3/4; ROUGE 3/4; R = (2, 1/4), truth mean(min(R, 1/R)) = mean(1/2, 1/4) = 3/8.
+    Model Utility = harmonic mean of the nine non-forget values = 9 / (8/3 + 4/3 + 8/5 + 12/5 + 2 + 4 + 3 + 4 + 2)
+    = 9/23. Forget Quality against a retain-only model whose forget R = (8, 16): the samples do not overlap,
+    KS statistic 1, exact two-sided p-value for 2 + 2 samples 2 / C(4, 2) = 1/3."""
+    retain_only = {**HAND_LOGS, "eval_log_forget.json": hand_log([0.0, 0.0], [ln(2), ln(2)],
+                                                                 [[ln(16), ln(16)], [ln(32), ln(32)]], [0.0, 0.0])}
+    stats = aggregate(HAND_LOGS, retain_only)
+    expected = {"Prob. Retain": 3 / 8, "ROUGE Retain": 3 / 4, "Truth Ratio Retain": 5 / 8,
+                "Prob. Real Authors": 5 / 12, "ROUGE Real Authors": 1 / 2, "Truth Ratio Real Authors": 1 / 4,
+                "Prob. Real World": 1 / 3, "ROUGE Real World": 1 / 4, "Truth Ratio Real World": 1 / 2,
+                "Prob. Forget": 3 / 4, "ROUGE Forget": 3 / 4, "Truth Ratio Forget": 3 / 8,
+                "Model Utility": 9 / 23, "Forget Quality": 1 / 3, "KS Test Forget": 1.0}
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value, rel=1e-12), key
+    assert aggregate(HAND_LOGS, HAND_LOGS)["Forget Quality"] == pytest.approx(1.0)
+    for key, value in tofu_reference(HAND_LOGS, retain_only).items():  # TOFU's own code agrees
+        assert stats[key] == pytest.approx(float(value), rel=1e-12), key
+
+
 # --------------------------------------------------------------------------- TOFU's published logs
 
 
@@ -160,8 +260,8 @@ def test_full_evaluation_of_the_tiny_model_reads_back(shared_data, target, tmp_p
         assert len(log[key]["avg_gt_loss"]) == 10 and list(log[key]["avg_gt_loss"]) == [str(i) for i in range(10)]
     stats = evaluate_tofu.main(["--aggregate", "--ckpt_result", str(out / "eval_log_aggregated.json"),
                                 "--retain_result", str(out / "eval_log_aggregated.json")])
-    assert stats["Forget Quality"] == pytest.approx(1.0)
-    assert 0 <= stats["Model Utility"] <= 1
+    assert stats["Forget Quality"] == pytest.approx(1.0)  # wiring: the same log on both sides
+    assert stats["Model Utility"] == pytest.approx(aggregate(log)["Model Utility"], rel=1e-12)
     assert json.loads((out / "aggregate_stat.json").read_text())["Forget Quality"] is None
 
 
@@ -178,8 +278,10 @@ def test_training_with_eval_tofu_writes_the_summary_next_to_the_adapter(shared_d
         "--real_authors_path", str(tofu / "real_authors_perturbed.json"),
         "--world_facts_path", str(tofu / "world_facts_perturbed.json")])
     stats = json.loads((final.parent / "tofu_eval" / "aggregate_stat.json").read_text())
-    assert 0 <= stats["Model Utility"] <= 1 and stats["Forget Quality"] is None
-    assert (final.parent / "tofu_eval" / "eval_log_aggregated.json").is_file()
+    log = json.loads((final.parent / "tofu_eval" / "eval_log_aggregated.json").read_text())
+    assert all(len(log[key]["avg_gt_loss"]) == 4 for key in EVAL_TASKS)  # --ds_size reached every set
+    assert stats["Model Utility"] == pytest.approx(aggregate(log)["Model Utility"], rel=1e-12)
+    assert stats["Forget Quality"] is None
 
 
 def test_eval_tofu_without_the_sets_fails_before_training(target, tmp_path, capsys):

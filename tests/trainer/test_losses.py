@@ -18,8 +18,8 @@ from trainer.losses import (
     needs_idk,
     nll_loss,
     npo_loss,
-    sequence_nll,
 )
+from evals.logprobs import sequence_nll
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -64,6 +64,20 @@ def test_ap_loss_hand_value():
     assert value.item() == pytest.approx(math.log(1.5), abs=1e-12)
 
 
+def test_npo_against_a_moved_reference_hand_value():
+    """Labels [-100, 1, 0]. The model is uniform: sequence NLL 2 ln 2. The reference has moved to
+    p = (1/4, 3/4) at position 0: sequence NLL ln(4/3) + ln 2 = ln(8/3). Margin = 2 ln 2 - ln(8/3) = ln(3/2);
+    with beta = 1: -2 log sigmoid(ln 3/2) = -2 log(3/5) = 2 ln(5/3). Swapping model and reference gives
+    margin ln(2/3) and -2 log(2/5) = 2 ln(5/2) instead."""
+    labels = torch.tensor([[-100, 1, 0]])
+    uniform, moved = torch.zeros(1, 3, 2, dtype=torch.float64), two_class_logits()
+    assert npo_loss(uniform, labels, moved, beta=1.0).item() == pytest.approx(2 * math.log(5 / 3), abs=1e-12)
+    assert npo_loss(moved, labels, uniform, beta=1.0).item() == pytest.approx(2 * math.log(5 / 2), abs=1e-12)
+    """beta = 1/2: -(2/beta) log sigmoid(ln(3/2) / 2) = 4 log(1 + sqrt(2/3))."""
+    assert npo_loss(uniform, labels, moved, beta=0.5).item() == pytest.approx(4 * math.log(1 + math.sqrt(2 / 3)),
+                                                                              abs=1e-12)
+
+
 def test_npo_and_dpo_at_reference_equal_2_ln2_over_beta():
     """When the model equals the reference every margin is 0: -(2/beta) log sigmoid(0) = (2/beta) ln 2 = 20 ln 2."""
     torch.manual_seed(0)
@@ -72,6 +86,35 @@ def test_npo_and_dpo_at_reference_equal_2_ln2_over_beta():
     assert npo_loss(logits, labels, logits.clone(), beta=0.1).item() == pytest.approx(20 * LN2, abs=1e-9)
     dpo = dpo_loss(logits, labels, idk, idk_labels, logits.clone(), idk.clone(), beta=0.1)
     assert dpo.item() == pytest.approx(20 * LN2, abs=1e-9)
+
+
+def naive_dpo(forget, forget_labels, idk, idk_labels, ref_forget, ref_idk, beta):
+    """DPO as written in the papers, in float64: the refusal is preferred (chosen), the forget answer
+    dispreferred (rejected); log-probabilities are summed over each answer's counted tokens."""
+    def logp(logits, labels):
+        return -naive_batch_nll(logits, labels)
+
+    chosen = logp(idk, idk_labels) - logp(ref_idk, idk_labels)
+    rejected = logp(forget, forget_labels) - logp(ref_forget, forget_labels)
+    return -(2 / beta) * F.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def test_dpo_against_a_naive_dpo_with_a_moved_reference(random_batch):
+    """Model and reference differ on both answers; the loss equals the naive DPO, and moving the model
+    towards the refusal (chosen) lowers it below the no-change value 20 ln 2, towards the forget answer raises it."""
+    logits, labels = random_batch
+    idk, idk_labels = logits.flip(0) * 0.7, labels.flip(0)
+    torch.manual_seed(2)
+    ref_forget, ref_idk = logits + torch.randn_like(logits), idk + torch.randn_like(idk)
+    for beta in (0.1, 1.0):
+        expected = naive_dpo(logits, labels, idk, idk_labels, ref_forget, ref_idk, beta)
+        got = dpo_loss(logits, labels, idk, idk_labels, ref_forget, ref_idk, beta)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-10)
+    boost = torch.zeros_like(idk)
+    boost.scatter_(-1, F.pad(idk_labels[:, 1:], (0, 1), value=0).clamp(min=0).unsqueeze(-1), 5.0)
+    prefers_idk = dpo_loss(ref_forget, labels, ref_idk + boost, idk_labels, ref_forget, ref_idk, 0.1)
+    prefers_forget = dpo_loss(ref_forget, labels, ref_idk - boost, idk_labels, ref_forget, ref_idk, 0.1)
+    assert prefers_idk.item() < 20 * LN2 - 1 and prefers_forget.item() > 20 * LN2 + 1
 
 
 def test_kl_loss_hand_value():
