@@ -138,9 +138,8 @@ def ln(x: float) -> float:
 
 def hand_log(gt, para, pert, rouge) -> dict:
     """A TOFU per-set log with the given per-item values."""
-    keys = [str(i) for i in range(len(gt))]
-    return {"avg_gt_loss": dict(zip(keys, gt)), "avg_paraphrased_loss": dict(zip(keys, para)),
-            "average_perturb_loss": dict(zip(keys, pert)), "rougeL_recall": dict(zip(keys, rouge))}
+    values = {"avg_gt_loss": gt, "avg_paraphrased_loss": para, "average_perturb_loss": pert, "rougeL_recall": rouge}
+    return {metric: {str(i): v for i, v in enumerate(vs)} for metric, vs in values.items()}
 
 
 HAND_LOGS = {  # per set: avg_gt_loss, avg_paraphrased_loss, average_perturb_loss, rougeL_recall (2 items each)

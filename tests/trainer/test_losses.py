@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evals.logprobs import sequence_nll
 from trainer.losses import (
     LOSSES,
     ap_loss,
@@ -19,7 +20,6 @@ from trainer.losses import (
     nll_loss,
     npo_loss,
 )
-from evals.logprobs import sequence_nll
 
 LN2, LN3 = math.log(2), math.log(3)
 
