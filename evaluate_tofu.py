@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from evals.tofu import add_tofu_set_args, aggregate, format_table, load_log, run_evaluation, set_paths
+from evals.tofu import aggregate
+from evals.tofu_cli import add_tofu_set_args, format_table, load_log, run_evaluation, set_paths
 from utils.utils import UserError, bool_arg, check_model_folder, run_cli, setup_logging, write_json
 
 

@@ -241,6 +241,6 @@ def atec_score(name_keys: Sequence[str], golds: Sequence[str], answers: Sequence
     judge, win_rate, score = {}, None, None
     if verdicts is not None:
         judge = {k: sum(1 for v in verdicts.values() if v == k) for k in ("win", "tie", "loss")}
-        win_rate = judge["win"] / counts["qa"] if counts["qa"] else None
+        win_rate = _mean(per["qa"])  # win 1, tie and loss 0
         score = combine_score(win_rate, noun, choice, privacy)
     return AtecResult(privacy, noun, choice, win_rate, score, counts, judge, details, missing)

@@ -28,8 +28,6 @@ Aggregation, per set (retain, forget, real authors, world facts):
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -38,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.data_module import iter_jsonl
-from utils.utils import ChatTemplate, UserError, write_json
+from utils.utils import ChatTemplate, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -135,37 +133,38 @@ def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], ba
         pert_n.append(pert_n_flat[at : at + k])
         at += k
 
-    avg_gt = [s / n for s, n in zip(gt_sum, gt_n, strict=True)]
-    avg_base = [s / n for s, n in zip(base_sum, base_n, strict=True)]
-    avg_pert = [[s / n for s, n in zip(ss, nn, strict=True)] for ss, nn in zip(pert_sum, pert_n, strict=True)]
-    log: dict[str, dict] = {
-        "avg_gt_loss": dict(zip(keys, avg_gt, strict=True)),
-        "gt_loss": dict(zip(keys, gt_sum, strict=True)),
-        "num_token_gt": dict(zip(keys, gt_n, strict=True)),
-    }
+    def by_item(values: Sequence) -> dict:
+        return dict(zip(keys, values, strict=True))
+
+    def mean(sums: Sequence[float], counts: Sequence[int]) -> list[float]:
+        return [total / n for total, n in zip(sums, counts, strict=True)]
+
+    avg_gt, avg_base = mean(gt_sum, gt_n), mean(base_sum, base_n)
+    avg_pert = [mean(sums, counts) for sums, counts in zip(pert_sum, pert_n, strict=True)]
+    log: dict[str, dict] = {"avg_gt_loss": by_item(avg_gt), "gt_loss": by_item(gt_sum), "num_token_gt": by_item(gt_n)}
     if generate:
         prompts = [template.prompt(q) for q in questions]
         config = GenerationConfig(batch_size=batch_size)
         generations = generate_with_model(model, tokenizer, prompts, config, max_length=MAX_LENGTH)
         golds = [it["answer"] for it in items]
         rouge1, rouge_l = rouge_recalls(golds, generations)
-        log["generated_text"] = {k: [p, g, a] for k, p, g, a in zip(keys, prompts, generations, golds, strict=True)}
-        log["rouge1_recall"] = dict(zip(keys, rouge1, strict=True))
-        log["rougeL_recall"] = dict(zip(keys, rouge_l, strict=True))
+        log["generated_text"] = by_item([list(row) for row in zip(prompts, generations, golds, strict=True)])
+        log["rouge1_recall"] = by_item(rouge1)
+        log["rougeL_recall"] = by_item(rouge_l)
     log.update({
-        "average_perturb_loss": dict(zip(keys, avg_pert, strict=True)),
-        "avg_paraphrased_loss": dict(zip(keys, avg_base, strict=True)),
-        "truth_ratio": {k: math.exp(b - float(np.mean(p))) for k, b, p in zip(keys, avg_base, avg_pert, strict=True)},
-        "paraphrased_loss": dict(zip(keys, base_sum, strict=True)),
-        "perturb_loss": dict(zip(keys, pert_sum, strict=True)),
-        "num_token_paraphrased": dict(zip(keys, base_n, strict=True)),
-        "num_token_perturb": dict(zip(keys, pert_n, strict=True)),
+        "average_perturb_loss": by_item(avg_pert),
+        "avg_paraphrased_loss": by_item(avg_base),
+        "truth_ratio": by_item([math.exp(b - float(np.mean(p))) for b, p in zip(avg_base, avg_pert, strict=True)]),
+        "paraphrased_loss": by_item(base_sum),
+        "perturb_loss": by_item(pert_sum),
+        "num_token_paraphrased": by_item(base_n),
+        "num_token_perturb": by_item(pert_n),
     })
     if normalise:
-        log["normalized_gt_loss"] = {
-            k: -math.log(math.exp(-g) / (math.exp(-g) + sum(math.exp(-x) for x in p)))
-            for k, g, p in zip(keys, avg_gt, avg_pert, strict=True)
-        }
+        log["normalized_gt_loss"] = by_item([
+            -math.log(math.exp(-g) / (math.exp(-g) + sum(math.exp(-x) for x in p)))
+            for g, p in zip(avg_gt, avg_pert, strict=True)
+        ])
     return log
 
 
@@ -238,72 +237,3 @@ def aggregate(ckpt: dict[str, dict], retain: dict[str, dict] | None = None) -> d
     else:
         result.update(forget_quality(ckpt, retain))
     return result
-
-
-# --------------------------------------------------------------------------- command-line helpers (evaluate_tofu.py,
-# and the training scripts' --eval_tofu)
-
-SET_FLAGS = {  # log key -> command-line flag
-    "eval_log.json": "retain_path",
-    "eval_real_author_wo_options.json": "real_authors_path",
-    "eval_real_world_wo_options.json": "world_facts_path",
-    "eval_log_forget.json": "forget_path",
-}
-def add_tofu_set_args(parser: argparse.ArgumentParser) -> None:
-    """The four TOFU evaluation files (shared with the training scripts' --eval_tofu)."""
-    group = parser.add_argument_group("TOFU sets (TOFU's *_perturbed.json format)")
-    group.add_argument("--forget_path", help="the forget split, e.g. forget10_perturbed.json")
-    group.add_argument("--retain_path", help="retain_perturbed.json")
-    group.add_argument("--real_authors_path", help="real_authors_perturbed.json")
-    group.add_argument("--world_facts_path", help="world_facts_perturbed.json")
-    group.add_argument("--ds_size", type=int, default=300, help="first N items of each set (TOFU uses 300)")
-    group.add_argument("--tofu_batch_size", type=int, default=16, help="evaluation batch size")
-
-
-def set_paths(args: argparse.Namespace) -> dict[str, str]:
-    missing = [f"--{flag}" for flag in SET_FLAGS.values() if not getattr(args, flag)]
-    if missing:
-        raise UserError(f"missing {', '.join(missing)} (the four TOFU evaluation files)")
-    for flag in SET_FLAGS.values():
-        if not Path(getattr(args, flag)).is_file():
-            raise UserError(f"--{flag} {getattr(args, flag)}: file not found")
-    return {key: getattr(args, flag) for key, flag in SET_FLAGS.items()}
-
-
-def load_log(path: str | Path, flag: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: file not found")
-    try:
-        log = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{flag} {path}: not JSON ({err.msg}, line {err.lineno})") from None
-    missing = [k for k in EVAL_TASKS if k not in log]
-    if missing:
-        raise UserError(f"{flag} {path}: not an eval_log_aggregated.json (no {', '.join(missing)})")
-    return log
-
-
-def run_evaluation(model, tokenizer, template, paths: dict[str, str], save_dir: Path, retain_result: str | None,
-                   ds_size: int | None, batch_size: int) -> dict:
-    """Evaluate a loaded model, write both files into ``save_dir``, return the aggregate."""
-    retain = load_log(retain_result, "--retain_result") if retain_result else None
-    log = evaluate_all(model, tokenizer, template, paths, ds_size=ds_size, batch_size=batch_size)
-    write_json(save_dir / "eval_log_aggregated.json", log, indent=None)
-    stats = aggregate(log, retain)
-    write_json(save_dir / "aggregate_stat.json", stats)
-    return stats
-
-
-ORDER = ["Model Utility", "Forget Quality"] + [f"{m} {n}" for n in ("Retain", "Real Authors", "Real World", "Forget")
-                                               for m in ("ROUGE", "Prob.", "Truth Ratio")]
-
-
-def format_table(stats: dict) -> str:
-    lines = [f"{'metric':<26}{'value':>14}"]
-    for name in ORDER:
-        value = stats.get(name)
-        lines.append(f"{name:<26}{'-' if value is None else format(value, '.6g'):>14}")
-    if stats.get("Forget Quality") is None:
-        lines.append("Forget Quality needs --retain_result: the log of a model trained on the retain split only")
-    return "\n".join(lines)

@@ -20,7 +20,8 @@ from zoo.tiny import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; UNLEARN_SHARED_DATA points elsewhere (e.g. from mutmut's mutants/ copy)
+SHARED_DATA = Path(os.environ.get("UNLEARN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

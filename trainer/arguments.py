@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from evals.tofu import add_tofu_set_args
+from evals.tofu_cli import add_tofu_set_args
 from utils.utils import add_model_args, bool_arg
 
 

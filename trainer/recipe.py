@@ -96,7 +96,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.eval_tofu:
-        from evals.tofu import load_log, set_paths
+        from evals.tofu_cli import load_log, set_paths
 
         set_paths(args)
         if args.tofu_retain_result:
@@ -265,7 +265,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out_dir: Path) -> None:
     """``--eval_tofu``: TOFU logs and summary of the trained model in ``<run>/tofu_eval`` (main process)."""
-    from evals.tofu import format_table, run_evaluation, set_paths
+    from evals.tofu_cli import format_table, run_evaluation, set_paths
 
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model).eval()

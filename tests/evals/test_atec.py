@@ -170,3 +170,54 @@ def test_mean_rouge_l_against_earlier_answers():
 
     assert mean_rouge_l(["x y", "a b c", "q"], ["x y", "a b c d e f", "."]) == pytest.approx(5 / 9, abs=1e-7)
     assert mean_rouge_l([], []) == 0.0
+
+
+def test_atec_score_details_and_errors():
+    """Each item's record: its index, name_key, category and value (qa: 1 for a win, 0 for a tie or a loss, and
+    the verdict); an uncategorised item has no value. A choice gold without 【答案】 names the item by its
+    1-based line. Lists of different lengths are an error, not a silent truncation."""
+    result = atec_score(KEYS, GOLDS, ANSWERS, {5: "win", 6: "tie"})
+    assert result.participant_win == 0.5 and result.judge == {"win": 1, "tie": 1, "loss": 0}
+    by_index = {d["index"]: d for d in result.details}
+    assert sorted(by_index) == list(range(len(KEYS)))
+    assert by_index[5] == {"index": 5, "name_key": KEYS[5], "category": "qa", "value": 1.0, "verdict": "win"}
+    assert by_index[6]["value"] == 0.0 and by_index[6]["verdict"] == "tie"
+    assert by_index[7] == {"index": 7, "name_key": KEYS[7], "category": None, "value": None}
+    assert by_index[3] == {"index": 3, "name_key": KEYS[3], "category": "choice", "value": 1.0}
+    assert atec_score(KEYS, GOLDS, ANSWERS, {5: "loss", 6: "loss"}).participant_win == 0.0
+    bad = list(GOLDS)
+    bad[3] = "B"
+    with pytest.raises(ValueError, match=r"^item 4 \(" + KEYS[3]):
+        atec_score(KEYS, bad, ANSWERS, None)
+    with pytest.raises(ValueError):
+        atec_score(KEYS, GOLDS, ANSWERS[:-1], None)
+    with pytest.raises(MissingCategoryError, match="^no item in category privacy "):
+        atec_score(KEYS[2:], GOLDS[2:], ANSWERS[2:], None)
+    with pytest.raises(MissingCategoryError, match="^no item in categories privacy, noun_definition "):
+        atec_score(KEYS[3:], GOLDS[3:], ANSWERS[3:], None)
+
+
+def test_rouge_limit_is_on_either_side_and_inclusive():
+    """Segmented text of exactly 2,048 characters is scored; 2,049 on either side scores 0."""
+    from evals.atec import MAX_ROUGE_CHARS, segment
+
+    exact, over = "x" * MAX_ROUGE_CHARS, "x" * (MAX_ROUGE_CHARS + 1)  # one word each: segmenting keeps them
+    assert len(segment(exact)) == MAX_ROUGE_CHARS and len(segment(over)) == MAX_ROUGE_CHARS + 1
+    assert atec_rouge_l_or_none(exact, exact) == pytest.approx(1.0, abs=1e-7)
+    assert atec_rouge_l_or_none(exact, over) == 0.0 and atec_rouge_l_or_none(over, exact) == 0.0
+
+
+def test_refusal_openings_apostrophes_and_lengths():
+    """Openings 'Sorry ' (no comma), '抱歉，' and '对不起，' are dropped from the refusal sentence, as is closing
+    '！' or '。'; a curly apostrophe in the sentence reads as straight. Mismatched lists are an error."""
+    from evals.atec import is_refusal, mean_rouge_l
+
+    assert is_refusal("I do not know that", ["Sorry I do not know that!"])
+    assert is_refusal("我不知道这个", ["抱歉，我不知道这个。"])
+    assert is_refusal("这个我不清楚", ["对不起，这个我不清楚！"])
+    assert is_refusal("I don't know", ["I don\u2019t know."])
+    assert not is_refusal("I don't know", ["Sorry, I can't say"])
+    with pytest.raises(ValueError):
+        mean_rouge_l(["a", "b"], ["a"])
+    with pytest.raises(ValueError):
+        judge_messages(DEFAULT_JUDGE_PROMPT, ["q1", "q2"], ["o1", "o2"], ["u1"])

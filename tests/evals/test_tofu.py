@@ -111,25 +111,53 @@ def bigram_mean_nll(model, tokenizer, template, question: str, answer: str) -> f
     return total / count
 
 
+UNEVEN = ITEMS + [{"question": "What did he study?", "answer": "He studied law.", "paraphrased_answer": "Law.",
+                   "perturbed_answer": ["He studied art.", "Physics.", "He studied music at home."]}]
+TOFU_KEYS = {"avg_gt_loss", "gt_loss", "num_token_gt", "generated_text", "rouge1_recall", "rougeL_recall",
+             "average_perturb_loss", "avg_paraphrased_loss", "truth_ratio", "paraphrased_loss", "perturb_loss",
+             "num_token_paraphrased", "num_token_perturb", "normalized_gt_loss"}
+
+
 def test_each_answer_lands_in_its_own_metric(bigram_model, tokenizer, template):
     """Ground-truth, paraphrased and perturbed losses each equal their own answer's worked-out mean NLL
-    (distinct values, so swapping two of them fails), and the per-item truth ratio is
-    exp(paraphrased - mean perturbed), TOFU's stored form."""
-    log = evaluate_set(bigram_model, tokenizer, template, ITEMS, "paraphrased_answer", normalise=True,
-                       batch_size=3, generate=False)
-    for k, item in zip(("0", "1"), ITEMS, strict=True):
+    (distinct values, so swapping two of them fails; items with 2, 2 and 3 perturbed answers, so the
+    perturbed answers must be regrouped by item), sums = mean x token count, and the per-item truth ratio is
+    exp(paraphrased - mean perturbed), TOFU's stored form. The log has TOFU's keys."""
+    log = evaluate_set(bigram_model, tokenizer, template, UNEVEN, "paraphrased_answer", normalise=True,
+                       batch_size=3)
+    assert set(log) == TOFU_KEYS
+    for k, item in zip(("0", "1", "2"), UNEVEN, strict=True):
         def nll(answer, item=item):
             return bigram_mean_nll(bigram_model, tokenizer, template, item["question"], answer)
 
         gt, para = nll(item["answer"]), nll(item["paraphrased_answer"])
         pert = [nll(a) for a in item["perturbed_answer"]]
-        assert len({round(v, 4) for v in (gt, para, *pert)}) == 4  # the answers' losses really differ
+        assert len({round(v, 4) for v in (gt, para, *pert)}) == 2 + len(pert)  # the answers' losses really differ
         assert log["avg_gt_loss"][k] == pytest.approx(gt, rel=1e-5)
+        assert log["gt_loss"][k] == pytest.approx(gt * log["num_token_gt"][k], rel=1e-5)
         assert log["avg_paraphrased_loss"][k] == pytest.approx(para, rel=1e-5)
+        assert log["paraphrased_loss"][k] == pytest.approx(para * log["num_token_paraphrased"][k], rel=1e-5)
         assert log["average_perturb_loss"][k] == pytest.approx(pert, rel=1e-5)
+        assert log["perturb_loss"][k] == pytest.approx([x * n for x, n in zip(pert, log["num_token_perturb"][k],
+                                                                               strict=True)], rel=1e-5)
         assert log["truth_ratio"][k] == pytest.approx(math.exp(para - np.mean(pert)), rel=1e-5)
         expected_norm = -math.log(math.exp(-gt) / (math.exp(-gt) + sum(math.exp(-x) for x in pert)))
         assert log["normalized_gt_loss"][k] == pytest.approx(expected_norm, rel=1e-5)
+        prompt, generated, gold = log["generated_text"][k]
+        assert prompt == template.prompt(item["question"]) and gold == item["answer"]
+        assert 0 <= log["rouge1_recall"][k] <= 1 and log["rougeL_recall"][k] <= log["rouge1_recall"][k]
+    counts = [log["num_token_paraphrased"][k] for k in ("0", "1", "2")]
+    assert len(set(counts)) > 1  # answers of different lengths: a mean over the wrong count would show
+
+
+def test_rouge_recalls_by_hand():
+    """Gold "the cats sat on mats", generation "the cat sat": Porter stemming makes cats = cat, so 3 of the 5
+    gold unigrams are recalled (0.6) and the longest common subsequence is "the cat sat" (0.6); generation
+    "sat the cat": ROUGE-1 recall 0.6, ROUGE-L recall 2/5 ("the cat")."""
+    from evals.tofu import rouge_recalls
+
+    rouge1, rouge_l = rouge_recalls(["the cats sat on mats", "the cats sat on mats"], ["the cat sat", "sat the cat"])
+    assert rouge1 == pytest.approx([0.6, 0.6]) and rouge_l == pytest.approx([0.6, 0.4])
 
 
 def ln(x: float) -> float:

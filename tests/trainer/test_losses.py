@@ -211,6 +211,22 @@ def test_empty_selection_is_zero_not_nan():
     labels = torch.full((1, 4), -100)
     assert me_loss(logits, labels).item() == 0.0
     assert nll_loss(logits, labels).item() == 0.0
+    kl = kl_loss(logits, logits.detach() + 1.0, labels)
+    assert kl.item() == 0.0 and kl.requires_grad  # still part of the graph: backward works on every rank
+    kl.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_default_beta_is_0_1():
+    """The original scripts' beta: with the defaults the value equals beta = 0.1 given explicitly, and differs
+    from beta = 1."""
+    torch.manual_seed(3)
+    a, b = torch.randn(2, 5, 7, dtype=torch.float64), torch.randn(2, 5, 7, dtype=torch.float64)
+    la, lb = torch.randint(0, 7, (2, 5)), torch.randint(0, 7, (2, 5))
+    for fn, args in ((ap_loss, (a, la, b, lb)), (npo_loss, (a, la, b)), (dpo_loss, (a, la, b, lb, b * 0.5, a * 0.5))):
+        default = fn(*args).item()
+        assert default == pytest.approx(fn(*args, beta=0.1).item(), abs=1e-12)
+        assert default != pytest.approx(fn(*args, beta=1.0).item(), abs=1e-3)
 
 
 def test_loss_table():
