@@ -193,7 +193,8 @@ def test_atec_score_details_and_errors():
         atec_score(KEYS, GOLDS, ANSWERS[:-1], None)
     with pytest.raises(MissingCategoryError, match="^no item in category privacy "):
         atec_score(KEYS[2:], GOLDS[2:], ANSWERS[2:], None)
-    with pytest.raises(MissingCategoryError, match="^no item in categories privacy, noun_definition "):
+    with pytest.raises(MissingCategoryError, match=r"^no item in categories privacy, noun_definition \(name_key "
+                                                   r"prefixes privacy, noun_definition\); the score needs each$"):
         atec_score(KEYS[3:], GOLDS[3:], ANSWERS[3:], None)
 
 
@@ -205,6 +206,8 @@ def test_rouge_limit_is_on_either_side_and_inclusive():
     assert len(segment(exact)) == MAX_ROUGE_CHARS and len(segment(over)) == MAX_ROUGE_CHARS + 1
     assert atec_rouge_l_or_none(exact, exact) == pytest.approx(1.0, abs=1e-7)
     assert atec_rouge_l_or_none(exact, over) == 0.0 and atec_rouge_l_or_none(over, exact) == 0.0
+    assert atec_rouge_l_or_none("y", "y " + over) == 0.0 and atec_rouge_l_or_none("y " + over, "y") == 0.0
+    assert atec_rouge_l_or_none("y", "y " + exact[:-10]) > 0  # "y" in common: scored below the limit
 
 
 def test_refusal_openings_apostrophes_and_lengths():

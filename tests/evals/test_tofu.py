@@ -158,6 +158,68 @@ def test_rouge_recalls_by_hand():
 
     rouge1, rouge_l = rouge_recalls(["the cats sat on mats", "the cats sat on mats"], ["the cat sat", "sat the cat"])
     assert rouge1 == pytest.approx([0.6, 0.6]) and rouge_l == pytest.approx([0.6, 0.4])
+    with pytest.raises(ValueError):
+        rouge_recalls(["a", "b"], ["a"])
+
+
+def test_evaluate_all_reads_each_set_with_its_own_base_answer(bigram_model, tokenizer, template, tmp_path):
+    """Four small sets (JSON lines and JSON arrays, TOFU ships both), first 2 items each: retain and forget
+    compare against the paraphrased answer, real authors/world against the answer itself (so there the
+    paraphrased loss is the ground-truth loss), and only the latter two get the normalised loss."""
+    from evals.tofu import evaluate_all
+
+    third = {"question": "What is kept?", "answer": "Nothing here.", "paraphrased_answer": "Nothing.",
+             "perturbed_answer": ["Everything."]}
+    rows = [*UNEVEN[:2], third]
+    paths = {}
+    for n, key in enumerate(EVAL_TASKS):
+        path = tmp_path / f"set{n}.json"
+        path.write_text(json.dumps(rows) if n % 2 else "\n".join(json.dumps(r) for r in rows))
+        paths[key] = str(path)
+    result = evaluate_all(bigram_model, tokenizer, template, paths, ds_size=2, batch_size=2)
+    assert list(result) == list(EVAL_TASKS)
+    for key, (_, base_key) in EVAL_TASKS.items():
+        log = result[key]
+        assert list(log["avg_gt_loss"]) == ["0", "1"]
+        for k, item in zip(("0", "1"), rows, strict=False):
+            base = bigram_mean_nll(bigram_model, tokenizer, template, item["question"], item[base_key])
+            assert log["avg_paraphrased_loss"][k] == pytest.approx(base, rel=1e-5), key
+        assert ("normalized_gt_loss" in log) == ("eval_log" not in key), key
+    assert len(evaluate_all(bigram_model, tokenizer, template, paths, ds_size=None)["eval_log.json"]["gt_loss"]) == 3
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}, "line 2: missing string field 'question'"),
+    ({"question": "q", "paraphrased_answer": "b", "perturbed_answer": ["c"]}, "line 2: missing string field 'answer'"),
+    ({"question": "q", "answer": "a", "perturbed_answer": ["c"]}, "line 2: missing string field 'paraphrased_answer'"),
+    ({"question": "q", "answer": "a", "paraphrased_answer": 3, "perturbed_answer": ["c"]},
+     "line 2: missing string field 'paraphrased_answer'"),
+    ({"question": "q", "answer": "a", "paraphrased_answer": "b"}, "line 2: field 'perturbed_answer' must be"),
+    ({"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": []}, "line 2: field 'perturbed"),
+    ({"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c", 1]}, "line 2: field 'pert"),
+    (["not", "an", "object"], "line 2: missing string field 'question'"),
+])
+def test_tofu_set_errors_name_file_line_and_field(tmp_path, row, message):
+    from evals.tofu import load_tofu_set
+    from utils.utils import UserError
+
+    good = {"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(UserError) as err:
+        load_tofu_set(path, "paraphrased_answer")
+    assert str(err.value) == f"{path}, {message}" or str(err.value).startswith(f"{path}, {message}")
+    assert load_tofu_set(path, "paraphrased_answer", ds_size=1) == [good]
+
+
+def test_tofu_set_without_items_is_an_error(tmp_path):
+    from evals.tofu import load_tofu_set
+    from utils.utils import UserError
+
+    path = tmp_path / "empty.json"
+    path.write_text("[]\n")
+    with pytest.raises(UserError, match="no items"):
+        load_tofu_set(path, "answer")
 
 
 def ln(x: float) -> float:
@@ -200,7 +262,17 @@ def test_aggregation_by_hand():
                 "Model Utility": 9 / 23, "Forget Quality": 1 / 3, "KS Test Forget": 1.0}
     for key, value in expected.items():
         assert stats[key] == pytest.approx(value, rel=1e-12), key
+    assert stats["KS Test PVal Forget"] == pytest.approx(1 / 3, rel=1e-12)
+    assert set(stats) == set(expected) | {"KS Test PVal Forget"}
     assert aggregate(HAND_LOGS, HAND_LOGS)["Forget Quality"] == pytest.approx(1.0)
+    without = aggregate(HAND_LOGS)
+    assert set(without) == set(stats) and all(without[k] is None for k in ("Forget Quality", "KS Test PVal Forget",
+                                                                            "KS Test Forget"))
+    assert without["Model Utility"] == pytest.approx(9 / 23, rel=1e-12)
+    from utils.utils import UserError
+
+    with pytest.raises(UserError, match="^the log has no 'eval_log_forget.json' section$"):
+        aggregate({k: v for k, v in HAND_LOGS.items() if k != "eval_log_forget.json"})
     for key, value in tofu_reference(HAND_LOGS, retain_only).items():  # TOFU's own code agrees
         assert stats[key] == pytest.approx(float(value), rel=1e-12), key
 
