@@ -393,3 +393,21 @@ def test_eval_tofu_without_the_sets_fails_before_training(target, tmp_path, caps
         "--retain_data_path", str(target["retain"]), "--save_root", str(tmp_path / "a"), "--eval_tofu"], capsys)
     assert code == 2 and "--forget_path" in err and "TOFU" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_tofu_set_shapes_and_long_questions(tmp_path, bigram_model, tokenizer, template):
+    """A one-line JSON-lines file is one item (not an array); a bad item of a JSON array is reported at line 1
+    (the array's line); a question longer than the limit is one clear error naming it."""
+    from evals.tofu import load_tofu_set
+    from utils.utils import UserError
+
+    good = {"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(good) + "\n")
+    assert load_tofu_set(one, "paraphrased_answer") == [good]
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps([good, {"question": "q"}]))
+    with pytest.raises(UserError, match=rf"^{array}, line 1: missing string field 'answer'$"):
+        load_tofu_set(array, "paraphrased_answer")
+    with pytest.raises(UserError, match=r"^question longer than 8 tokens: 'word word word"):
+        answer_losses(bigram_model, tokenizer, template, ["word " * 40], ["a"], max_length=8)
