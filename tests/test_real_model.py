@@ -17,16 +17,12 @@ from evals.atec import mean_rouge_l, refusal_rate
 from evals.generation import GenerationConfig, generate_with_model
 from trainer.losses import nll_loss
 from utils.utils import load_chat_template, write_jsonl
-from zoo.demo_data import GENERAL, REFUSALS, REPLAY, privacy_items
+from zoo.demo_data import GENERAL, REFUSALS, REPLAY, conversation, privacy_items
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
 FACTS = 8
 ENGLISH_REFUSALS = [r for r in REFUSALS if r.isascii()]
-
-
-def conv(q: str, a: str, key: str) -> dict:
-    return {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}], "name_key": key}
 
 
 def answers_of(model, tokenizer, questions: list[str], tokens: int = 24) -> list[str]:
@@ -94,7 +90,7 @@ def memorised(real_model_dir, tmp_path_factory) -> dict:
     model, tokenizer = load(target)
     replay_answers = answers_of(model, tokenizer, REPLAY[:8])
     write_jsonl(root / "forget.jsonl", facts)
-    write_jsonl(root / "retain.jsonl", [conv(q, a, f"replay_{i}") for i, (q, a)
+    write_jsonl(root / "retain.jsonl", [conversation(q, a, f"replay_{i}") for i, (q, a)
                                         in enumerate(zip(REPLAY[:8], replay_answers, strict=True))])
     (root / "idk.txt").write_text("\n".join(ENGLISH_REFUSALS) + "\n")
     general = GENERAL[:10]
