@@ -204,7 +204,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     trainer = UnlearnTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
                              processing_class=tokenizer, forget_term=forget_term, retain_term=retain_term,
-                             forget_coeff=1.0, retain_coeff=1.0, beta=0.1, callbacks=[Timer()],
+                             forget_coeff=1.0, retain_coeff=1.0, callbacks=[Timer()],
                              skip_unlabelled_logits=not original)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():

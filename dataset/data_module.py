@@ -238,11 +238,19 @@ class ForgetRetainDataset(Dataset):
     """Forget items, each paired with a retain item (and, given refusals, IDK variants of both).
 
     Item ``i`` is a dict of named samples: ``forget`` (forget Q + its answer, question masked when
-    ``mask``), ``retain`` (paired retain Q + answer, question always masked) and, with ``idk_lines``,
-    ``forget_idk`` (forget Q + a refusal) and ``retain_idk`` (retain Q + the same refusal). Samples are
+    ``mask``), ``retain`` (a retain Q + answer, question always masked) and, with ``idk_lines``,
+    ``forget_idk`` (forget Q + a refusal) and ``retain_idk`` (the retain Q + the same refusal). Samples are
     tokenised once here. Items whose answer is cut away by ``max_length`` are dropped with a warning.
     With ``pad_to_max_length`` every sample is padded as the original scripts padded it
     (:func:`pad_like_original`).
+
+    ``retain_sampling``: ``"fixed"`` pairs item ``i`` with the same retain item in every epoch
+    (:func:`paired_indices`, the original scripts' rule: with more retain than forget items, most retain
+    items are never seen). ``"random"`` draws afresh each epoch (:meth:`set_epoch`): a permutation of the
+    retain items seeded by ``seed`` and the epoch, item ``i`` taking entry ``i mod n``. The draw depends on
+    the item index, not on the process, so processes that hold different items in an epoch meet different
+    retain items (all distinct while there are no more forget than retain items), and the pairing does not
+    change with the number of processes.
     """
 
     def __init__(
@@ -256,11 +264,15 @@ class ForgetRetainDataset(Dataset):
         idk_lines: Sequence[str] | None = None,
         names: tuple[str, str] = ("forget", "retain"),
         pad_to_max_length: bool = False,
+        retain_sampling: str = "fixed",
+        seed: int = 0,
     ) -> None:
         if not forget:
             raise UserError(f"the {names[0]} set is empty")
         if not retain:
             raise UserError(f"the {names[1]} set is empty")
+        if retain_sampling not in ("fixed", "random"):
+            raise ValueError(f"retain_sampling must be 'fixed' or 'random', not {retain_sampling!r}")
 
         def encode_all(items: Sequence[QAItem], use_mask: bool, what: str) -> list[dict | None]:
             encoded = [encode_qa(tokenizer, template, it.question, it.answer, max_length, use_mask) for it in items]
@@ -276,8 +288,8 @@ class ForgetRetainDataset(Dataset):
             return encoded
 
         forget_enc = encode_all(forget, mask, names[0])
-        retain_enc = encode_all(retain, True, names[1])
-        retain_ok = [i for i, e in enumerate(retain_enc) if e is not None]
+        self._retain_enc = encode_all(retain, True, names[1])
+        self._retain_ok = [i for i, e in enumerate(self._retain_enc) if e is not None]
         n_idk = len(idk_lines) if idk_lines else 0
         idk_cache: dict[tuple[int, int, int], dict | None] = {}  # (which set, item, refusal line)
 
@@ -287,38 +299,68 @@ class ForgetRetainDataset(Dataset):
                 idk_cache[key] = encode_qa(tokenizer, template, items[i].question, idk_lines[line], max_length, True)
             return idk_cache[key]
 
+        self._retain_idk = (lambda i, line: idk_sample(retain, i, line)) if n_idk else None
+        self._max_length, self._mask, self._eos = max_length, mask, tokenizer.eos_token_id
+        self._pad = pad_to_max_length
+        self.retain_sampling, self.seed, self.epoch = retain_sampling, seed, 0
+        self._order: tuple[int, list[int]] | None = None  # (epoch, permutation) of the random draw
+
         self.items: list[dict[str, dict[str, list[int]]]] = []
+        self._lines: list[int | None] = []  # each item's refusal line
         for idx, sample in enumerate(forget_enc):
             if sample is None:
                 continue
-            j, line = paired_indices(idx, len(retain_ok), n_idk)
-            item = {"forget": sample, "retain": retain_enc[retain_ok[j]]}
+            j, line = paired_indices(idx, len(self._retain_ok), n_idk)
+            item = {"forget": sample, "retain": self._retain_enc[self._retain_ok[j]]}
             if n_idk:
                 forget_idk = idk_sample(forget, idx, line)
-                retain_idk = idk_sample(retain, retain_ok[j], line)
+                retain_idk = idk_sample(retain, self._retain_ok[j], line)
                 if forget_idk is None or retain_idk is None:
                     continue
                 item["forget_idk"] = forget_idk
                 item["retain_idk"] = retain_idk
-            self.items.append(item)
+            self.items.append(self._padded(item))
+            self._lines.append(line)
         if not self.items:
             raise UserError("no training items left after truncation; raise --max_length")
-        if pad_to_max_length:
-            eos = tokenizer.eos_token_id
-            self.items = [
-                {part: pad_like_original(sample, max_length, eos, labels_are_ids=(part == "forget" and not mask))
-                 for part, sample in item.items()}
-                for item in self.items
-            ]
+
+    def _padded(self, item: dict[str, dict]) -> dict[str, dict]:
+        if not self._pad:
+            return item
+        return {part: pad_like_original(sample, self._max_length, self._eos,
+                                        labels_are_ids=(part == "forget" and not self._mask))
+                for part, sample in item.items()}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose random retain draw ``__getitem__`` uses (called by the trainer each epoch)."""
+        self.epoch = epoch
+
+    def random_retain_index(self, idx: int) -> int:
+        """Index into the retain file of the item drawn for forget item ``idx`` in the current epoch."""
+        if self._order is None or self._order[0] != self.epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = (self.epoch, torch.randperm(len(self._retain_ok), generator=gen).tolist())
+        perm = self._order[1]
+        return self._retain_ok[perm[idx % len(perm)]]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, idx: int) -> dict[str, dict[str, list[int]]]:
-        return self.items[idx]
+        item = self.items[idx]
+        if self.retain_sampling == "fixed":
+            return item
+        j = self.random_retain_index(idx)
+        drawn = {"retain": self._retain_enc[j]}
+        if self._retain_idk is not None:
+            retain_idk = self._retain_idk(j, self._lines[idx])
+            if retain_idk is None:  # this retain question leaves no room for the refusal: keep the fixed pair
+                return item
+            drawn["retain_idk"] = retain_idk
+        return {**item, **self._padded(drawn)}
 
     def lengths(self) -> list[int]:
-        """Total tokens of each item over all its parts (for length grouping)."""
+        """Total tokens of each item over all its parts (for length grouping; fixed pairs)."""
         return [sum(len(s["input_ids"]) for s in item.values()) for item in self.items]
 
 

@@ -35,6 +35,28 @@ def add_unlearn_args(
     loss.add_argument("--forget_coeff", type=float, default=forget_coeff, help="weight of the forget loss")
     loss.add_argument("--regularization_coeff", type=float, default=1.0, help="weight of the retain loss")
     loss.add_argument("--beta", type=float, default=0.1, help="inverse temperature of AP, NPO and DPO")
+    loss.add_argument("--simnpo_beta", type=float, default=4.5, help="SimNPO: inverse temperature")
+    loss.add_argument("--simnpo_delta", type=float, default=0.0,
+                      help="SimNPO: margin subtracted from the mean answer NLL")
+    loss.add_argument("--undial_beta", type=float, default=10.0,
+                      help="UNDIAL: how far the true token's reference logit is lowered")
+    loss.add_argument("--wga_beta", type=float, default=1.0, help="WGA: exponent of the token weight p**beta")
+    loss.add_argument("--satimp_beta1", type=float, default=5.0, help="SatImp: exponent of p in the token weight")
+    loss.add_argument("--satimp_beta2", type=float, default=1.0, help="SatImp: exponent of (1 - p)")
+    loss.add_argument("--ceu_skip_tokens", type=int, default=1,
+                      help="CE-U: each item's first answer tokens left out of the loss")
+    loss.add_argument("--rmu_layer", type=int, default=7,
+                      help="RMU: decoder layer whose output is steered (0-based); LoRA (or, with --lora_r 0, "
+                           "training) is limited to this layer and the two below it")
+    loss.add_argument("--rmu_steering_coeff", type=float, default=6.5, help="RMU: length c of the target c*u")
+    loss.add_argument("--pdu_epsilon", type=float, default=None,
+                      help="PDU: bound on the retain loss; default: the first step's retain loss")
+    loss.add_argument("--pdu_dual_step_size", type=float, default=1.0,
+                      help="PDU: step of the dual ascent on the retain weight (which starts at "
+                           "--regularization_coeff)")
+    loss.add_argument("--retain_sampling", default="fixed", choices=["fixed", "random"],
+                      help="fixed: each forget item always meets the same retain item (the original scripts); "
+                           "random: a fresh seeded draw every epoch, so every retain item gets used")
 
     train = parser.add_argument_group("training")
     train.add_argument("--num_epochs", type=int, default=num_epochs, help="passes over the forget set")
@@ -58,7 +80,8 @@ def add_unlearn_args(
     train.add_argument("--report_to", default="none", help="none, tensorboard, wandb or swanlab (when installed)")
 
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    lora.add_argument("--lora_r", type=int, default=16,
+                      help="LoRA rank; 0 trains every weight (full fine-tuning, saved as a whole model)")
     lora.add_argument("--lora_alpha", type=int, default=32, help="LoRA scaling alpha")
     lora.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
     lora.add_argument("--lora_target_modules", nargs="+", default=["all-linear"],

@@ -6,7 +6,8 @@ internally, so position ``t`` of the logits predicts label ``t + 1``. Labels equ
 
 The trainer runs the forward passes; this module never sees a model. ``LOSSES`` maps each
 ``--loss_type`` to its forget term and optional retain term; a term names the batch parts it reads and
-whether it needs reference logits (the model with its LoRA adapter disabled).
+whether it needs reference logits (the model with its LoRA adapter disabled) or hidden states (RMU, which
+reads a layer's output rather than logits).
 """
 
 from __future__ import annotations
@@ -135,47 +136,234 @@ def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
     return F.kl_div(logp, ref_logp, reduction="sum", log_target=True) / mask.sum()
 
 
+def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM
+    Unlearning"): NPO without a reference model, on the length-normalised answer NLL.
+
+    ``-(2/beta) * mean_rows log sigmoid(beta * (nll(y)/|y| - delta))`` with ``nll(y)`` the summed answer NLL
+    of a row and ``|y|`` its counted tokens. Defaults beta = 4.5, delta = 0 (open-unlearning's TOFU config).
+    Hand value: one row of 2 uniform binary tokens has nll/|y| = ln 2; with beta = 1, delta = 0 the loss is
+    ``-2 log sigmoid(ln 2) = 2 ln(3/2)``.
+    """
+    nll, mask = token_nll(logits, labels)
+    per_token = nll.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+    return -F.logsigmoid(beta * (per_token - delta)).mean() * 2 / beta
+
+
+def _counted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the counted positions ``(N, V)`` (upcast) and the labels they predict ``(N,)``."""
+    target = shift_labels(labels)
+    mask = target != IGNORE_INDEX
+    return upcast(logits[mask]), target[mask]
+
+
+def undial_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, beta: float = 10.0
+                ) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2024, "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in
+    Large Language Models"): cross-entropy of the model against ``softmax(z_ref - beta * onehot(y))``.
+
+    The reference's logit of the true token is lowered by ``beta`` (default 10, open-unlearning's config)
+    and the model distils the result, on counted (answer) positions only: unlike the reference
+    implementation, prompt and padding positions never enter the mean and a -100 label never indexes the
+    vocabulary. Hand value: uniform model and reference over 2 classes, beta = ln 3: the target is
+    (3/4, 1/4) with the quarter on y, and the cross-entropy against a uniform model is ln 2.
+    """
+    z, y = _counted(logits, labels)
+    if y.numel() == 0:
+        return logits.sum() * 0.0
+    ref = upcast(ref_logits[shift_labels(labels) != IGNORE_INDEX]).detach().clone()
+    ref[torch.arange(y.numel(), device=y.device), y] -= beta
+    target = torch.softmax(ref, dim=-1)
+    return -(target * F.log_softmax(z, dim=-1)).sum(dim=-1).mean()
+
+
+def _weighted_ascent(logits: torch.Tensor, labels: torch.Tensor, weight: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> torch.Tensor:
+    """``-mean_counted(stop_grad(weight(p_t)) * nll_t)``: gradient ascent with per-token weights."""
+    nll, mask = token_nll(logits, labels)
+    if not mask.any():
+        return logits.sum() * 0.0
+    nll = nll[mask]
+    w = weight(torch.exp(-nll.detach()))
+    return -(w * nll).mean()
+
+
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """WGA, weighted gradient ascent (Wang et al. 2025, "Rethinking LLM Unlearning Objectives: A Gradient
+    Perspective and Go Beyond"): each token's ascent term weighted by ``stop_grad(p(y_t) ** beta)``.
+
+    Tokens the model already finds unlikely stop pulling, so ascent does not run away. Default beta = 1.
+    Hand value: one binary token with p = 3/4, beta = 1: ``-(3/4) * ln(4/3)``.
+    """
+    return _weighted_ascent(logits, labels, lambda p: p**beta)
+
+
+def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+    """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning"):
+    as WGA with weight ``stop_grad(p ** beta1 * (1 - p) ** beta2)`` (defaults 5 and 1, open-unlearning).
+
+    Hand value: one binary token with p = 1/2, beta1 = beta2 = 1: ``-(1/4) * ln 2``.
+    """
+    return _weighted_ascent(logits, labels, lambda p: p**beta1 * (1 - p) ** beta2)
+
+
+def skip_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Labels with each row's first ``n`` counted tokens set to ``IGNORE_INDEX``."""
+    counted = labels != IGNORE_INDEX
+    return labels.masked_fill(counted & (counted.cumsum(dim=-1) <= n), IGNORE_INDEX)
+
+
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, skip_tokens: int = 1) -> torch.Tensor:
+    """CE-U, cross-entropy unlearning (Yang 2025, "CE-U: Cross Entropy Unlearning"): cross-entropy against
+    ``softmax(z)`` with the true token's logit set to ``-inf`` (a detached target), mean over counted tokens.
+
+    The first ``skip_tokens`` answer tokens of each row are left out (the paper's footnote; default 1, as
+    open-unlearning). Hand value: logits (0, ln 3, 0) with y = 1: the target is (1/2, 0, 1/2), the model's
+    p = (1/5, 3/5, 1/5), so the loss is ``-(1/2 ln 1/5 + 1/2 ln 1/5) = ln 5``.
+    """
+    z, y = _counted(logits, skip_first_answer_tokens(labels, skip_tokens))
+    if y.numel() == 0:
+        return logits.sum() * 0.0
+    target_logits = z.detach().clone()
+    target_logits[torch.arange(y.numel(), device=y.device), y] = float("-inf")
+    target = torch.softmax(target_logits, dim=-1)
+    return -(target * F.log_softmax(z, dim=-1)).sum(dim=-1).mean()
+
+
+def pdu_forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """PDU's forget term (Entesari et al. 2025, "Constrained Entropic Unlearning: A Primal-Dual Framework for
+    Large Language Models"): ``mean_counted (max_v z_v - mean_v z_v) ** 2``, the squared logit margin, which
+    is 0 exactly when the next-token distribution is uniform.
+
+    Counted positions are those that predict an answer token (the shift applied): the reference
+    implementation reads the logits one position late. Hand value: logits (0, ln 3): margin ln(3)/2,
+    loss ``ln(3)**2 / 4``.
+    """
+    z, _ = _counted(logits, labels)
+    if z.numel() == 0:
+        return logits.sum() * 0.0
+    return ((z.max(dim=-1).values - z.mean(dim=-1)) ** 2).mean()
+
+
+def dual_step(weight: float, retain_loss: float, epsilon: float, step_size: float) -> float:
+    """PDU's dual ascent on the retain weight: ``max(0, weight + step_size * (retain_loss - epsilon))``.
+
+    The weight grows while the retain loss breaks its bound ``epsilon`` and shrinks (never below 0) once
+    it holds.
+    """
+    return max(0.0, weight + step_size * (retain_loss - epsilon))
+
+
+def rmu_loss(hidden: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """RMU's activation distance (Li et al. 2024, "The WMDP Benchmark: Measuring and Reducing Malicious Use
+    with Unlearning"): per row, the mean over counted tokens of the mean squared difference over the hidden
+    dimension, averaged over rows.
+
+    ``hidden`` is ``(B, T, H)`` (a layer's output); ``target`` broadcasts to it: ``c * u`` for the forget
+    term (u a fixed random unit vector, c the steering coefficient), the reference model's hidden states
+    for the retain term. Counted tokens are those with a label (no shift: a hidden state belongs to its
+    own token). Hand value: H = 2, hidden (1, 3) at one counted token, target (0, 0): (1 + 9) / 2 = 5.
+    """
+    mask = (labels != IGNORE_INDEX).to(upcast(hidden[:0]).dtype)
+    squared = (upcast(hidden) - upcast(target)).pow(2).mean(dim=-1)  # (B, T)
+    per_row = (squared * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+    return per_row.mean()
+
+
+def steering_vector(hidden_size: int, coeff: float, seed: int) -> torch.Tensor:
+    """RMU's target ``c * u``: u drawn uniform in [0, 1)^H from ``seed`` and normalised (as WMDP's code)."""
+    u = torch.rand(hidden_size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (u / u.norm() * coeff).float()
+
+
 # --------------------------------------------------------------------------- the loss table
 
 
 class PartOutput(NamedTuple):
-    """What the trainer computed for one batch part: the model's logits, labels and reference logits."""
+    """What the trainer computed for one batch part: logits and labels, and when a term asks for them, the
+    reference logits, the chosen layer's hidden states and the reference's hidden states."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     ref_logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    ref_hidden: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """Hyper-parameters of the terms; each default is its paper's (or open-unlearning's config)."""
+
+    beta: float = 0.1  # AP, NPO, DPO (the original scripts' value)
+    simnpo_beta: float = 4.5
+    simnpo_delta: float = 0.0
+    undial_beta: float = 10.0
+    wga_beta: float = 1.0
+    satimp_beta1: float = 5.0
+    satimp_beta2: float = 1.0
+    ceu_skip_tokens: int = 1
+    steering: torch.Tensor | None = None  # RMU's c * u, made by the trainer once the hidden size is known
 
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One term of an objective: the batch parts it reads, whether it needs reference logits, and how."""
+    """One term of an objective: the batch parts it reads, what it needs computed, and how.
+
+    ``needs_ref``: reference outputs (the model with its adapter off, or a frozen copy when every weight
+    trains). ``needs_hidden``: the hidden states of the trainer's chosen layer (RMU). ``needs_logits``:
+    False lets the trainer skip the output head for the part. ``dual``: the term's weight is PDU's dual
+    variable instead of a fixed coefficient.
+    """
 
     parts: tuple[str, ...]
     needs_ref: bool
-    compute: Callable[[Mapping[str, PartOutput], float], torch.Tensor]
+    compute: Callable[[Mapping[str, PartOutput], LossParams], torch.Tensor]
+    needs_hidden: bool = False
+    needs_logits: bool = True
+    dual: bool = False
 
 
-GA = LossTerm(("forget",), False, lambda o, b: ga_loss(o["forget"].logits, o["forget"].labels))
-ME = LossTerm(("forget",), False, lambda o, b: me_loss(o["forget"].logits, o["forget"].labels))
-IDK = LossTerm(("forget_idk",), False, lambda o, b: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels))
-NPO = LossTerm(
-    ("forget",), True, lambda o, b: npo_loss(o["forget"].logits, o["forget"].labels, o["forget"].ref_logits, b)
-)
+def _f(o: Mapping[str, PartOutput]) -> PartOutput:
+    return o["forget"]
+
+
+GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels))
+ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels))
+IDK = LossTerm(("forget_idk",), False, lambda o, p: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels))
+NPO = LossTerm(("forget",), True,
+               lambda o, p: npo_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.beta))
 DPO = LossTerm(
     ("forget", "forget_idk"),
     True,
-    lambda o, b: dpo_loss(
-        o["forget"].logits, o["forget"].labels, o["forget_idk"].logits, o["forget_idk"].labels,
-        o["forget"].ref_logits, o["forget_idk"].ref_logits, b,
+    lambda o, p: dpo_loss(
+        _f(o).logits, _f(o).labels, o["forget_idk"].logits, o["forget_idk"].labels,
+        _f(o).ref_logits, o["forget_idk"].ref_logits, p.beta,
     ),
 )
-GD = LossTerm(("retain",), False, lambda o, b: nll_loss(o["retain"].logits, o["retain"].labels))
-KL = LossTerm(("retain",), True, lambda o, b: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels))
+SIMNPO = LossTerm(("forget",), False,
+                  lambda o, p: simnpo_loss(_f(o).logits, _f(o).labels, p.simnpo_beta, p.simnpo_delta))
+UNDIAL = LossTerm(("forget",), True,
+                  lambda o, p: undial_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.undial_beta))
+WGA = LossTerm(("forget",), False, lambda o, p: wga_loss(_f(o).logits, _f(o).labels, p.wga_beta))
+SATIMP = LossTerm(("forget",), False,
+                  lambda o, p: satimp_loss(_f(o).logits, _f(o).labels, p.satimp_beta1, p.satimp_beta2))
+CEU = LossTerm(("forget",), False, lambda o, p: ceu_loss(_f(o).logits, _f(o).labels, p.ceu_skip_tokens))
+PDU_F = LossTerm(("forget",), False, lambda o, p: pdu_forget_loss(_f(o).logits, _f(o).labels))
+RMU_F = LossTerm(("forget",), False, lambda o, p: rmu_loss(_f(o).hidden, p.steering, _f(o).labels),
+                 needs_hidden=True, needs_logits=False)
+
+GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels))
+KL = LossTerm(("retain",), True, lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels))
 AP = LossTerm(
     ("retain", "retain_idk"),
     False,
-    lambda o, b: ap_loss(o["retain"].logits, o["retain"].labels, o["retain_idk"].logits, o["retain_idk"].labels, b),
+    lambda o, p: ap_loss(o["retain"].logits, o["retain"].labels, o["retain_idk"].logits, o["retain_idk"].labels,
+                         p.beta),
 )
+PDU_R = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), dual=True)
+RMU_R = LossTerm(("retain",), True, lambda o, p: rmu_loss(o["retain"].hidden, o["retain"].ref_hidden,
+                                                          o["retain"].labels),
+                 needs_hidden=True, needs_logits=False)
 
 # --loss_type -> (forget term, retain term or None)
 LOSSES: dict[str, tuple[LossTerm, LossTerm | None]] = {
@@ -197,6 +385,13 @@ LOSSES: dict[str, tuple[LossTerm, LossTerm | None]] = {
     "DPO+GD": (DPO, GD),
     "DPO+KL": (DPO, KL),
     "DPO+AP": (DPO, AP),
+    # open-unlearning's methods, each alone and with the GD / KL retain terms
+    **{f"{name}{suffix}": (term, retain)
+       for name, term in (("SimNPO", SIMNPO), ("UNDIAL", UNDIAL), ("WGA", WGA), ("SatImp", SATIMP), ("CE-U", CEU))
+       for suffix, retain in (("", None), ("+GD", GD), ("+KL", KL))},
+    "RMU": (RMU_F, RMU_R),  # forget: steer layer l to c*u; retain: keep layer l where the reference has it
+    "RMU+GD": (RMU_F, GD),
+    "PDU": (PDU_F, PDU_R),  # retain NLL weighted by the dual variable (dual_step)
 }
 
 # parts that only exist when a refusal (IDK) file is given

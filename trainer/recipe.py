@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem, load_lines, load_qa_jsonl
-from trainer.losses import LOSSES, needs_idk
+from trainer.losses import LOSSES, LossParams, needs_idk
 from utils.utils import (
     PROJECT_ROOT,
     UserError,
@@ -25,6 +26,12 @@ from utils.utils import (
 logger = logging.getLogger(__name__)
 
 FINAL_DIR = "final_lora_model"
+FULL_DIR = "final_model"  # --lora_r 0: the whole model, nothing to merge
+
+
+def final_dir_name(args: argparse.Namespace) -> str:
+    """``final_lora_model`` for a LoRA run, ``final_model`` when every weight trained (``--lora_r 0``)."""
+    return FULL_DIR if args.lora_r == 0 else FINAL_DIR
 
 # The original scripts' per-script defaults (forget_me_gd.py / forget_idk_ap.py of the competition's code).
 SCRIPT_DEFAULTS: dict[str, dict] = {
@@ -84,7 +91,8 @@ def build_dataset(args: argparse.Namespace, tokenizer, template, data: TrainingD
     """Tokenise the run's data (read from the files unless ``data`` is given)."""
     forget, retain, idk = data if data is not None else read_data(args)
     return ForgetRetainDataset(forget, retain, tokenizer, template, args.max_length, mask=args.mask, idk_lines=idk,
-                               pad_to_max_length=args.pad_to_max_length)
+                               pad_to_max_length=args.pad_to_max_length, retain_sampling=args.retain_sampling,
+                               seed=args.seed)
 
 
 def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
@@ -92,9 +100,17 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     template = load_chat_template(args.model_family, args.model_config)
     check_model_folder(args.model_path)
     data = read_data(args)
-    for flag in ("max_length", "num_epochs", "bs", "lora_r"):
+    for flag in ("max_length", "num_epochs", "bs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    for flag in ("lora_r", "ceu_skip_tokens", "rmu_layer"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be at least 0")
+    if uses_hidden_states(args.loss_type):
+        layers = _num_layers(args, template)
+        if layers is not None and args.rmu_layer >= layers:
+            raise UserError(f"--rmu_layer {args.rmu_layer}: the model has {layers} decoder layers "
+                            f"(0..{layers - 1}); pick one of them")
     if args.eval_tofu:
         from evals.tofu_cli import load_log, set_paths
 
@@ -113,10 +129,45 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup_ratio must be in [0, 1)")
     out_dir = resolve_output_dir(args)
-    if (out_dir / FINAL_DIR).exists() and not args.overwrite and args.resume_from_checkpoint is None:
-        raise UserError(f"{out_dir / FINAL_DIR} already exists; pass --overwrite to replace it "
+    final = out_dir / final_dir_name(args)
+    if final.exists() and not args.overwrite and args.resume_from_checkpoint is None:
+        raise UserError(f"{final} already exists; pass --overwrite to replace it "
                         "or choose another --output_dir")
     return out_dir, template, data
+
+
+def uses_hidden_states(loss_type: str) -> bool:
+    """Whether a term of ``loss_type`` reads a layer's hidden states (RMU)."""
+    return any(term is not None and term.needs_hidden for term in LOSSES[loss_type])
+
+
+def uses_reference(loss_type: str) -> bool:
+    """Whether a term of ``loss_type`` reads reference outputs (NPO, DPO, KL, UNDIAL, RMU)."""
+    return any(term is not None and term.needs_ref for term in LOSSES[loss_type])
+
+
+def _num_layers(args: argparse.Namespace, template) -> int | None:
+    """The model's decoder layer count from its config (``None`` when the config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model_path,
+                                        trust_remote_code=args.trust_remote_code or template.trust_remote_code)
+    return getattr(config.get_text_config(), "num_hidden_layers", None)
+
+
+def trained_layers(args: argparse.Namespace) -> list[int] | None:
+    """RMU trains only the steered layer and the two below it (as WMDP's RMU); other methods: every layer."""
+    if not uses_hidden_states(args.loss_type):
+        return None
+    return list(range(max(0, args.rmu_layer - 2), args.rmu_layer + 1))
+
+
+def loss_params(args: argparse.Namespace) -> LossParams:
+    """The terms' hyper-parameters from the command line (flags named as ``LossParams`` fields)."""
+    import dataclasses
+
+    return LossParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LossParams)
+                         if hasattr(args, f.name)})
 
 
 def load_tokenizer(args: argparse.Namespace, template):
@@ -131,7 +182,8 @@ def load_tokenizer(args: argparse.Namespace, template):
 
 
 def build_model(args: argparse.Namespace, template, bf16: bool):
-    """Load the base model (safetensors only) and wrap it with a fresh LoRA adapter."""
+    """Load the base model (safetensors only) and wrap it with a fresh LoRA adapter (``--lora_r 0``: return
+    the model itself, every weight trainable, or for RMU only its :func:`trained_layers`)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -147,12 +199,23 @@ def build_model(args: argparse.Namespace, template, bf16: bool):
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
+    layers = trained_layers(args)
+    if args.lora_r == 0:
+        if layers is not None:
+            import re
+
+            pattern = re.compile(r"\.layers\.(\d+)\.")
+            for name, param in model.named_parameters():
+                found = pattern.search(name)
+                param.requires_grad = bool(found) and int(found.group(1)) in layers
+        return model
     targets = args.lora_target_modules
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets[0] if targets == ["all-linear"] else targets,
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -220,7 +283,12 @@ def train(args: argparse.Namespace) -> Path:
     """Run one unlearning job; returns the folder of the final adapter."""
     from transformers import TrainerState
 
-    from trainer.unlearn_trainer import EpochCheckpointCallback, JsonlLogCallback, UnlearnTrainer
+    from trainer.unlearn_trainer import (
+        DatasetEpochCallback,
+        EpochCheckpointCallback,
+        JsonlLogCallback,
+        UnlearnTrainer,
+    )
 
     out_dir, template, data = validate(args)
     resume = _resolve_resume(args, out_dir)
@@ -228,6 +296,8 @@ def train(args: argparse.Namespace) -> Path:
     tokenizer = load_tokenizer(args, template)
     dataset = build_dataset(args, tokenizer, template, data)  # all input errors surface before the model loads
     model = build_model(args, template, bf16)
+    # full fine-tuning has no adapter to switch off: a frozen copy is the reference, made only when read
+    ref_model = copy.deepcopy(model) if args.lora_r == 0 and uses_reference(args.loss_type) else None
     training_args = build_training_args(args, out_dir, bf16)
     forget_term, retain_term = LOSSES[args.loss_type]
     trainer = UnlearnTrainer(
@@ -240,9 +310,17 @@ def train(args: argparse.Namespace) -> Path:
         retain_term=retain_term,
         forget_coeff=args.forget_coeff,
         retain_coeff=args.regularization_coeff,
-        beta=args.beta,
-        callbacks=[EpochCheckpointCallback(args.save_steps), JsonlLogCallback(out_dir / LOG_FILE)],
+        params=loss_params(args),
+        ref_model=ref_model,
+        hidden_layer=args.rmu_layer if uses_hidden_states(args.loss_type) else None,
+        steering_coeff=args.rmu_steering_coeff,
+        dual_epsilon=args.pdu_epsilon,
+        dual_step_size=args.pdu_dual_step_size,
+        callbacks=[EpochCheckpointCallback(args.save_steps), JsonlLogCallback(out_dir / LOG_FILE),
+                   DatasetEpochCallback(dataset)],
     )
+    if resume is not None:
+        trainer.load_dual_state(resume)
     if trainer.is_world_process_zero():
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path = out_dir / LOG_FILE
@@ -257,7 +335,7 @@ def train(args: argparse.Namespace) -> Path:
     logger.info("training %s on %d forget items for %d epochs -> %s", args.loss_type, len(dataset), args.num_epochs,
                 out_dir)
     trainer.train(resume_from_checkpoint=resume)
-    final = save_final(trainer, out_dir)
+    final = save_final(trainer, out_dir, final_dir_name(args))
     if args.eval_tofu:
         evaluate_on_tofu(args, trainer, tokenizer, template, out_dir)
     return final
@@ -275,11 +353,11 @@ def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out
     trainer.accelerator.wait_for_everyone()
 
 
-def save_final(trainer, out_dir: Path) -> Path:
-    """Save adapter + tokenizer to a temporary folder, then rename it to ``final_lora_model``."""
+def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
+    """Save adapter (or whole model) + tokenizer to a temporary folder, then rename it to ``name``."""
     import shutil
 
-    final, tmp = out_dir / FINAL_DIR, out_dir / f".{FINAL_DIR}.tmp"
+    final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -14,11 +15,22 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dataset.data_module import IGNORE_INDEX
-from trainer.losses import LossTerm, PartOutput
+from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
 
 logger = logging.getLogger(__name__)
 
 EPOCH_CHECKPOINT_RE = re.compile(r"^checkpoint-epoch-(\d+)$")
+DUAL_STATE_FILE = "dual_state.json"
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM (plain, PEFT-wrapped or DDP-unwrapped): ``model.layers`` of its body."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"cannot find the decoder layers of {type(base).__name__} (expected .model.layers)")
+    return layers
 
 
 class UnlearnTrainingArguments(TrainingArguments):
@@ -35,8 +47,10 @@ class UnlearnTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an unlearning objective from ``trainer.losses.LOSSES``.
 
     Batches are dicts of named parts (``forget``, ``retain``, ``forget_idk``, ``retain_idk``), each a dict
-    of ``input_ids``, ``attention_mask`` and ``labels``. Reference logits (NPO, DPO, KL) come from the same
-    model with its LoRA adapter disabled, so no second copy of the model is held in memory.
+    of ``input_ids``, ``attention_mask`` and ``labels``. Reference outputs (NPO, DPO, KL, UNDIAL, RMU) come
+    from the same model with its LoRA adapter disabled, so no second copy of the model is held in memory;
+    only full fine-tuning (``ref_model``) holds a frozen copy. Hidden states (RMU) are read by a forward hook
+    on decoder layer ``hidden_layer``, registered only for the parts whose terms ask for them.
     """
 
     # compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps
@@ -49,7 +63,12 @@ class UnlearnTrainer(Trainer):
         retain_term: LossTerm | None,
         forget_coeff: float = 1.0,
         retain_coeff: float = 1.0,
-        beta: float = 0.1,
+        params: LossParams | None = None,
+        ref_model: torch.nn.Module | None = None,
+        hidden_layer: int | None = None,
+        steering_coeff: float = 6.5,
+        dual_epsilon: float | None = None,
+        dual_step_size: float = 1.0,
         skip_unlabelled_logits: bool = True,
         **kwargs,
     ) -> None:
@@ -58,10 +77,12 @@ class UnlearnTrainer(Trainer):
         self.retain_term = retain_term
         self.forget_coeff = forget_coeff
         self.retain_coeff = retain_coeff
-        self.beta = beta
+        self.params = params if params is not None else LossParams()
         terms = [t for t in (forget_term, retain_term) if t is not None]
         self.parts = tuple(dict.fromkeys(p for t in terms for p in t.parts))
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
+        self.hidden_parts = frozenset(p for t in terms if t.needs_hidden for p in t.parts)
+        self.logit_parts = frozenset(p for t in terms if t.needs_logits for p in t.parts)
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -69,6 +90,19 @@ class UnlearnTrainer(Trainer):
         # models without `logits_to_keep` (older or custom architectures) compute every position
         self.skip_unlabelled_logits = skip_unlabelled_logits and "logits_to_keep" in inspect.signature(
             base.forward).parameters
+        # the reference: a frozen copy when every weight trains (made only when a term needs it), else the
+        # same weights with the LoRA adapter switched off
+        self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False) if ref_model is not None \
+            else None
+        self.hidden_layer = hidden_layer
+        self.steering_coeff = steering_coeff
+        self._layer = decoder_layers(unwrapped)[hidden_layer] if self.hidden_parts else None
+        self._ref_layer = decoder_layers(self.ref_model)[hidden_layer] \
+            if self.hidden_parts and self.ref_model is not None else self._layer
+        # PDU: the retain weight is a dual variable, starting at the retain coefficient
+        self.dual_weight = retain_coeff if retain_term is not None and retain_term.dual else None
+        self.dual_epsilon = dual_epsilon
+        self.dual_step_size = dual_step_size
 
     # ------------------------------------------------------------------ data order
 
@@ -103,33 +137,102 @@ class UnlearnTrainer(Trainer):
         spare = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
         return keep, torch.cat([spare, labels[:, needed + 1]], dim=1)
 
-    @staticmethod
-    def _forward(model, part: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, model, part: dict[str, torch.Tensor], keep, layer: torch.nn.Module | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (at ``keep``) and, given a layer, that layer's output hidden states ``(B, T, H)``."""
+        captured: list[torch.Tensor] = []
+        handle = None
+        if layer is not None:
+            handle = layer.register_forward_hook(
+                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         kwargs = {} if keep is None else {"logits_to_keep": keep}
-        return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+        try:
+            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        return logits, (captured[0] if captured else None)
 
-    def _reference_logits(self, model, part: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
-        """Logits of the base model: the same weights with the LoRA adapter switched off."""
-        peft_model = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), peft_model.disable_adapter():
-            return self._forward(peft_model, part, keep)
+    def _reference(self, model, part: dict[str, torch.Tensor], keep, hidden: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference's outputs: the frozen copy's, or the same weights' with the LoRA adapter off.
+
+        Dropout is switched off for the reference forward (and the previous mode restored): a reference
+        must be a fixed function of the batch, and base-model dropout would make it noisy.
+        """
+        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(model)
+        layer = self._ref_layer if hidden else None
+        was_training = ref.training
+        ref.eval()
+        try:
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    return self._run(ref, part, keep, layer)
+                with ref.disable_adapter():
+                    return self._run(ref, part, keep, layer)
+        finally:
+            ref.train(was_training)
+
+    def _steering(self, hidden: torch.Tensor) -> torch.Tensor:
+        """RMU's ``c * u``, drawn once from the run's seed when the hidden size is first seen."""
+        if self.params.steering is None or self.params.steering.size(-1) != hidden.size(-1):
+            vector = steering_vector(hidden.size(-1), self.steering_coeff, self.args.seed)
+            self.params = dataclasses.replace(self.params, steering=vector)
+        return self.params.steering.to(device=hidden.device, dtype=hidden.dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = {}
         for name in self.parts:
             part = inputs[name]
-            keep, labels = self._kept_positions(part["labels"])
-            ref = self._reference_logits(model, part, keep) if name in self.ref_parts else None
-            outputs[name] = PartOutput(self._forward(model, part, keep), labels, ref)
-        forget = self.forget_term.compute(outputs, self.beta)
+            wants_hidden = name in self.hidden_parts
+            if name not in self.logit_parts:
+                # only hidden states are read: one logit position keeps the output head's cost at nothing
+                keep, labels = (1 if self.skip_unlabelled_logits else None), part["labels"]
+            elif wants_hidden:
+                keep, labels = None, part["labels"]
+            else:
+                keep, labels = self._kept_positions(part["labels"])
+            layer = self._layer if wants_hidden else None
+            ref_logits = ref_hidden = None
+            if name in self.ref_parts:
+                ref_logits, ref_hidden = self._reference(model, part, keep, wants_hidden)
+            logits, hidden = self._run(model, part, keep, layer)
+            outputs[name] = PartOutput(logits, labels, ref_logits, hidden, ref_hidden)
+        if "forget" in self.hidden_parts:
+            self._steering(outputs["forget"].hidden)
+        forget = self.forget_term.compute(outputs, self.params)
         loss = self.forget_coeff * forget
         components = {"forget_loss": forget.detach()}
         if self.retain_term is not None:
-            retain = self.retain_term.compute(outputs, self.beta)
-            loss = loss + self.retain_coeff * retain
+            retain = self.retain_term.compute(outputs, self.params)
+            weight = self.dual_weight if self.dual_weight is not None else self.retain_coeff
+            loss = loss + weight * retain
             components["retain_loss"] = retain.detach()
+            if self.dual_weight is not None and model.training:
+                components["retain_weight"] = torch.tensor(weight)
+                self._dual_update(retain.detach())
         self._record(components)
         return (loss, outputs) if return_outputs else loss
+
+    def _dual_update(self, retain: torch.Tensor) -> None:
+        """PDU: one dual-ascent step on the retain weight from the retain loss averaged over processes
+        (so every process holds the same weight). Without ``--pdu_epsilon`` the bound is the first step's
+        retain loss: the constraint is "keep the retain loss where it started"."""
+        value = float(self.accelerator.reduce(retain.float().reshape(1), reduction="mean"))
+        if self.dual_epsilon is None:
+            self.dual_epsilon = value
+            logger.info("PDU: retain-loss bound epsilon = %.4f (the first step's retain loss)", value)
+        self.dual_weight = dual_step(self.dual_weight, value, self.dual_epsilon, self.dual_step_size)
+
+    def dual_state(self) -> dict[str, float | None]:
+        return {"weight": self.dual_weight, "epsilon": self.dual_epsilon}
+
+    def load_dual_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore PDU's weight and bound from a checkpoint written by ``_save_checkpoint``."""
+        path = Path(checkpoint) / DUAL_STATE_FILE
+        if self.dual_weight is not None and path.is_file():
+            state = json.loads(path.read_text(encoding="utf-8"))
+            self.dual_weight, self.dual_epsilon = state["weight"], state["epsilon"]
 
     def _record(self, components: dict[str, torch.Tensor]) -> None:
         if not self.model.training:
@@ -159,6 +262,8 @@ class UnlearnTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             step_dir = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            if self.dual_weight is not None:
+                (step_dir / DUAL_STATE_FILE).write_text(json.dumps(self.dual_state()), encoding="utf-8")
             epoch_dir = Path(self.args.output_dir) / f"checkpoint-epoch-{round(self.state.epoch or 0)}"
             if epoch_dir.exists():
                 shutil.rmtree(epoch_dir)
@@ -189,6 +294,19 @@ class EpochCheckpointCallback(TrainerCallback):
         epoch = round(state.epoch or 0)
         if self.every > 0 and epoch % self.every == 0 and epoch < args.num_train_epochs:
             control.should_save = True
+        return control
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Tell the dataset which epoch starts (its random retain draw depends on it); the Trainer's own
+    ``set_epoch`` reaches the sampler, not a map-style dataset."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(round(state.epoch or 0)))
         return control
 
 
