@@ -170,6 +170,19 @@ def loss_params(args: argparse.Namespace) -> LossParams:
                          if hasattr(args, f.name)})
 
 
+def _in_layers(layers: list[int] | None):
+    """A test of a parameter/module name: does it lie in one of ``layers`` (every name when ``None``)?"""
+    import re
+
+    pattern = re.compile(r"\.layers\.(\d+)\.")
+
+    def test(name: str) -> bool:
+        found = pattern.search(name)
+        return layers is None or (found is not None and int(found.group(1)) in layers)
+
+    return test
+
+
 def load_tokenizer(args: argparse.Namespace, template):
     """The model folder's tokenizer (pad = EOS when it has no pad token, as the original)."""
     from transformers import AutoTokenizer
@@ -200,22 +213,23 @@ def build_model(args: argparse.Namespace, template, bf16: bool):
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     layers = trained_layers(args)
+    in_layers = _in_layers(layers)
     if args.lora_r == 0:
         if layers is not None:
-            import re
-
-            pattern = re.compile(r"\.layers\.(\d+)\.")
             for name, param in model.named_parameters():
-                found = pattern.search(name)
-                param.requires_grad = bool(found) and int(found.group(1)) in layers
+                param.requires_grad = in_layers(name)
         return model
     targets = args.lora_target_modules
+    target_modules = targets[0] if targets == ["all-linear"] else targets
+    if layers is not None:  # the chosen layers' linear modules (matching --lora_target_modules unless all-linear)
+        target_modules = [name for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and in_layers(name + ".")
+                          and (targets == ["all-linear"] or name.rsplit(".", 1)[-1] in targets)]
     lora = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        layers_to_transform=layers,
+        target_modules=target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
