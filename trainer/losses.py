@@ -146,13 +146,17 @@ def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 4.5, d
     ``-2 log sigmoid(ln 2) = 2 ln(3/2)``.
     """
     nll, mask = token_nll(logits, labels)
-    per_token = nll.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+    rows = mask.any(dim=-1)  # a row with nothing counted has no answer to normalise
+    if not rows.any():
+        return logits.sum() * 0.0
+    per_token = nll.sum(dim=-1)[rows] / mask.sum(dim=-1)[rows]
     return -F.logsigmoid(beta * (per_token - delta)).mean() * 2 / beta
 
 
-def _counted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the counted positions ``(N, V)`` (upcast) and the labels they predict ``(N,)``."""
-    target = shift_labels(labels)
+def _counted(logits: torch.Tensor, labels: torch.Tensor, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of the counted positions ``(N, V)`` (upcast) and the labels they predict ``(N,)``, leaving out
+    each row's first ``skip`` predicted tokens."""
+    target = skip_first_answer_tokens(shift_labels(labels), skip) if skip else shift_labels(labels)
     mask = target != IGNORE_INDEX
     return upcast(logits[mask]), target[mask]
 
@@ -208,7 +212,8 @@ def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, 
 
 
 def skip_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Labels with each row's first ``n`` counted tokens set to ``IGNORE_INDEX``."""
+    """Labels with each row's first ``n`` counted tokens set to ``IGNORE_INDEX`` (applied to the shifted
+    labels, so it is the first ``n`` *predicted* tokens that drop out, whatever ``--mask`` counts)."""
     counted = labels != IGNORE_INDEX
     return labels.masked_fill(counted & (counted.cumsum(dim=-1) <= n), IGNORE_INDEX)
 
@@ -221,7 +226,7 @@ def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, skip_tokens: int = 1) -
     open-unlearning). Hand value: logits (0, ln 3, 0) with y = 1: the target is (1/2, 0, 1/2), the model's
     p = (1/5, 3/5, 1/5), so the loss is ``-(1/2 ln 1/5 + 1/2 ln 1/5) = ln 5``.
     """
-    z, y = _counted(logits, skip_first_answer_tokens(labels, skip_tokens))
+    z, y = _counted(logits, labels, skip_tokens)
     if y.numel() == 0:
         return logits.sum() * 0.0
     target_logits = z.detach().clone()
