@@ -119,6 +119,17 @@ def test_rmu_reads_the_chosen_layer_and_trains_only_up_to_it(target, tmp_path):
     assert loss.item() == pytest.approx(per_row.mean().item(), rel=1e-5)
 
 
+def test_rmu_reference_stays_while_the_model_moves(target, tmp_path):
+    """RMU's retain term compares layer-l states with the reference's: exactly 0 at the first step (LoRA B = 0,
+    the model is its own reference), then positive once the adapter moved and the reference did not."""
+    final = forget_me_gd.main(base_args(target, tmp_path, "--loss_type", "RMU", "--rmu_layer", "1", "--num_epochs",
+                                        "3", "--bs", "8", "--lr", "5e-3"))
+    rows = [r for r in (json.loads(line) for line in (final.parent / "train_log.jsonl").read_text().splitlines())
+            if "retain_loss" in r]
+    assert rows[0]["retain_loss"] == 0.0
+    assert rows[-1]["retain_loss"] > 1e-4 and rows[-1]["forget_loss"] < rows[0]["forget_loss"]
+
+
 def test_rmu_layer_out_of_range_is_a_clear_error(target, tmp_path, capsys):
     from tests.conftest import run_script
 
