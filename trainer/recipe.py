@@ -41,6 +41,8 @@ SCRIPT_DEFAULTS: dict[str, dict] = {
                              "_${regularization_coeff}"},
 }
 LOG_FILE = "train_log.jsonl"
+# forget terms defined on answer tokens (open-unlearning's methods): --mask false deserves a warning
+ANSWER_METHODS = frozenset({"SimNPO", "UNDIAL", "WGA", "SatImp", "CE-U", "PDU", "RMU"})
 ARGS_FILE = "run_args.json"
 
 
@@ -128,6 +130,10 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
                             f"(pip install {module})")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup_ratio must be in [0, 1)")
+    if not args.mask and args.loss_type.split("+")[0] in ANSWER_METHODS:
+        logger.warning("--loss_type %s with --mask false: the forget loss also covers the question, which the "
+                       "model never memorised (the method's papers train on answers; SimNPO, for one, starts "
+                       "saturated and does not move). Pass --mask true unless you mean it.", args.loss_type)
     out_dir = resolve_output_dir(args)
     final = out_dir / final_dir_name(args)
     if final.exists() and not args.overwrite and args.resume_from_checkpoint is None:
