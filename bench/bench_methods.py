@@ -97,7 +97,7 @@ def mean_nll(model_dir: Path, adapter: Path | None, family: str, pairs: list[tup
 
 
 def run_method(target: dict, method: str, epochs: int, lr: float, bs: int, extra: list[str]) -> dict:
-    import forget_me_gd
+    from trainer.recipe import main_for
 
     work = target["work"]
     argv = ["--model_path", str(target["model"]), "--model_family", target["family"],
@@ -106,7 +106,7 @@ def run_method(target: dict, method: str, epochs: int, lr: float, bs: int, extra
             "--bs", str(bs), "--lr", str(lr), "--rmu_layer", str(target["layer"]), "--save_steps", "0",
             "--output_dir", str(work / "runs" / method), "--overwrite", *extra]
     start = time.perf_counter()
-    final = forget_me_gd.main(argv)
+    final = main_for("me_gd", argv, "bench")  # forget_me_gd.py's path and defaults
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (final.parent / "train_log.jsonl").read_text().splitlines()]
     steps = max(r["step"] for r in rows)
