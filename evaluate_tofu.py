@@ -25,7 +25,7 @@ from pathlib import Path
 
 from evals.tofu import aggregate
 from evals.tofu_cli import add_tofu_set_args, format_table, load_log, run_evaluation, set_paths
-from utils.utils import UserError, bool_arg, check_model_folder, run_cli, setup_logging, write_json
+from utils.utils import UserError, bool_arg, run_cli, setup_logging, write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,31 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_table(stats))
         return stats
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evals.generation import torch_dtype
+    from evals.generation import load_for_eval
     from utils.utils import load_chat_template
 
     if not args.model_path:
         raise UserError("--model_path is required (or --aggregate)")
-    check_model_folder(args.model_path)
     template = load_chat_template(args.model_family)
     paths = set_paths(args)
     if args.retain_result:
         load_log(args.retain_result, "--retain_result")
-    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {args.adapter}: not a PEFT adapter folder (no adapter_config.json there)")
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter or args.model_path, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch_dtype(args.dtype), use_safetensors=True,
-                                                 trust_remote_code=args.trust_remote_code)
-    if args.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
     stats = run_evaluation(model, tokenizer, template, paths, Path(args.save_dir), args.retain_result,
                            args.ds_size, args.tofu_batch_size)
     print(format_table(stats))

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from dataset.data_module import QAItem
 from utils.utils import ChatTemplate, UserError, bool_arg, load_chat_template, str2bool
@@ -79,6 +80,31 @@ def torch_dtype(name: str):
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_for_eval(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype: str = "auto",
+                  trust_remote_code: bool = False):
+    """A model (``+ adapter`` as a ``PeftModel``) in eval mode on the GPU when there is one, and its tokenizer
+    (the adapter folder's when it has one; pad = EOS when it has none)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.utils import check_model_folder
+
+    check_model_folder(model_path)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json there)")
+    tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype), use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def _generate_transformers(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:

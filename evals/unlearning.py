@@ -1,0 +1,216 @@
+"""One evaluation of an unlearned model: forget / retain / holdout / general sets through generation, per-token
+log-probabilities and gradients, into per-item logs and one summary (see :mod:`evals.mia` for the MIA
+definitions and orientation).
+
+Per item: the greedy answer, its ATEC ROUGE-L F against the gold answer and TOFU's ROUGE-L recall, whether
+it is a refusal, and from one teacher-forced forward pass of (question, gold answer): the MIA scores,
+exact memorisation (EM) and extraction strength (ES); GradNorm from one backward pass per item.
+
+Summary: per set the means; for every MIA score the AUC of forget (members) against holdout items; with
+a retain-only model's summary, PrivLeak of each.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from evals.mia import (
+    MIN_K,
+    auc,
+    distribution_moments,
+    exact_memorisation,
+    extraction_strength,
+    loss_score,
+    mean,
+    min_k_plus_plus_score,
+    min_k_score,
+    priv_leak,
+    reference_score,
+    zlib_score,
+)
+from utils.utils import ChatTemplate, UserError
+
+logger = logging.getLogger(__name__)
+
+SETS = ("forget", "retain", "holdout", "general")
+MIA_SCORES = ("loss", "zlib", "min_k", "min_k_pp", "reference", "gradnorm")
+
+
+@dataclass
+class TokenStats:
+    """Teacher-forced statistics of one (question, answer) pair's answer tokens."""
+
+    logprobs: list[float]
+    mu: list[float]
+    sigma: list[float]
+    argmax: list[int]
+    labels: list[int]
+
+
+def _batches(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int,
+             max_length: int):
+    """Collated batches of the pairs (question masked), on the model's device, with their item indices."""
+    from dataset.data_module import ForgetRetainCollator, encode_qa
+
+    samples = []
+    for q, a in pairs:
+        sample = encode_qa(tokenizer, template, q, a, max_length, mask=True)
+        if sample is None:
+            raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
+        samples.append({"x": sample})
+    collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                   else tokenizer.eos_token_id)
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start : start + batch_size])["x"]
+        yield range(start, start + len(batch["input_ids"])), {k: v.to(model.device) for k, v in batch.items()}
+
+
+def token_stats(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
+                max_length: int = 512) -> list[TokenStats]:
+    """Per item: log p of each answer token, the moments of log p at its position, the argmax and labels."""
+    import torch
+
+    from evals.logprobs import shift_labels
+
+    out: list[TokenStats] = []
+    for _, batch in _batches(model, tokenizer, template, pairs, batch_size, max_length):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        target = shift_labels(batch["labels"])
+        logp = torch.log_softmax(logits, dim=-1)
+        mu, sigma = distribution_moments(logits)
+        for row in range(target.size(0)):
+            keep = target[row] != -100
+            labels = target[row][keep]
+            out.append(TokenStats(
+                logprobs=logp[row][keep].gather(-1, labels.unsqueeze(-1)).squeeze(-1).tolist(),
+                mu=mu[row][keep].tolist(), sigma=sigma[row][keep].tolist(),
+                argmax=logits[row][keep].argmax(-1).tolist(), labels=labels.tolist()))
+    return out
+
+
+def reference_nlls(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
+                   max_length: int = 512) -> list[float]:
+    """Mean answer NLL of each pair under ``model`` (for the Reference score)."""
+    return [loss_score(st.logprobs) for st in token_stats(model, tokenizer, template, pairs, batch_size, max_length)]
+
+
+def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
+               max_length: int = 512) -> list[float]:
+    """GradNorm: per item, the L2 norm (over every floating weight of the model, adapter included) of the
+    gradient of its mean answer NLL. Weights' ``requires_grad`` flags and the train/eval mode are restored."""
+    import torch
+
+    from evals.logprobs import token_nll
+
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()  # no dropout: the score is a function of the item
+    norms: list[float] = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _, batch in _batches(model, tokenizer, template, pairs, 1, max_length):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, mask = token_nll(logits, batch["labels"])
+            grads = torch.autograd.grad(nll.sum() / mask.sum(), [p for p in params], allow_unused=True)
+            norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None)))
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return norms
+
+
+def item_scores(stats: TokenStats, answer: str, reference_nll: float | None, gradnorm: float | None,
+                k: float = MIN_K) -> dict[str, float | None]:
+    """The MIA scores (loss-like: higher = less trained-on), EM and ES of one item."""
+    nll = loss_score(stats.logprobs)
+    return {
+        "loss": nll,
+        "zlib": zlib_score(stats.logprobs, answer),
+        "min_k": min_k_score(stats.logprobs, k),
+        "min_k_pp": min_k_plus_plus_score(stats.logprobs, stats.mu, stats.sigma, k),
+        "reference": None if reference_nll is None else reference_score(nll, reference_nll),
+        "gradnorm": gradnorm,
+        "em": exact_memorisation(stats.argmax, stats.labels),
+        "es": extraction_strength(stats.argmax, stats.labels),
+    }
+
+
+def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequence[tuple[str, str]]],
+                  refusals: Sequence[str], generate: Callable[[list[str]], list[str]],
+                  reference: Callable[[Sequence[tuple[str, str]]], list[float]] | None = None,
+                  gradnorm: bool = True, batch_size: int = 8, k: float = MIN_K) -> dict[str, list[dict]]:
+    """Per-item logs of each named set (``forget``, ``retain``, ``holdout``, ``general``; any subset).
+
+    ``generate`` maps prompts to greedy answers (the caller picks the backend); ``reference`` maps pairs to
+    a reference model's mean answer NLLs (the Reference score; None leaves it out).
+    """
+    from tqdm.auto import tqdm
+
+    from evals.atec import atec_rouge_l, is_refusal
+    from evals.tofu import rouge_recalls
+
+    log: dict[str, list[dict]] = {}
+    for name, pairs in tqdm(list(sets.items()), desc="evaluate sets", unit="set"):
+        pairs = list(pairs)
+        if not pairs:
+            raise UserError(f"the {name} set is empty")
+        answers = generate([template.prompt(q) for q, _ in pairs])
+        stats = token_stats(model, tokenizer, template, pairs, batch_size)
+        refs = reference(pairs) if reference is not None else [None] * len(pairs)
+        norms = grad_norms(model, tokenizer, template, pairs) if gradnorm else [None] * len(pairs)
+        _, recall_l = rouge_recalls([a for _, a in pairs], answers)
+        log[name] = [
+            {"question": q, "answer": a, "generated": gen, "rougeL_f": atec_rouge_l(a, gen), "rougeL_recall": rec,
+             "refusal": is_refusal(gen, refusals) if refusals else None,
+             **item_scores(st, a, ref, norm, k)}
+            for (q, a), gen, st, ref, norm, rec in zip(pairs, answers, stats, refs, norms, recall_l, strict=True)
+        ]
+    return log
+
+
+def summarise(log: dict[str, list[dict]], retain_only: dict | None = None) -> dict:
+    """Per-set means, the forget-vs-holdout AUC of every MIA score, and PrivLeak against ``retain_only``
+    (the summary of a model never trained on the forget set) when given."""
+    summary: dict = {"sets": {}}
+    for name, rows in log.items():
+        keys = ("rougeL_f", "rougeL_recall", "loss", "em", "es")
+        summary["sets"][name] = {key: mean([r[key] for r in rows]) for key in keys}
+        refusals = [r["refusal"] for r in rows if r["refusal"] is not None]
+        summary["sets"][name]["refusal_rate"] = mean([float(x) for x in refusals]) if refusals else None
+        summary["sets"][name]["items"] = len(rows)
+    if "forget" in log and "holdout" in log:
+        summary["auc"] = {}
+        for score in MIA_SCORES:
+            forget = [r[score] for r in log["forget"]]
+            holdout = [r[score] for r in log["holdout"]]
+            if None not in forget and None not in holdout:
+                summary["auc"][score] = auc(forget, holdout)
+        if retain_only is not None:
+            base = retain_only.get("auc", {})
+            summary["priv_leak"] = {s: priv_leak(a, base[s]) for s, a in summary["auc"].items() if s in base}
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of a summary."""
+    lines = ["| set | items | ROUGE-L F (ATEC) | ROUGE-L recall (TOFU) | answer NLL | EM | ES | refusals |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def f(x):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    for name, row in summary["sets"].items():
+        lines.append(f"| {name} | {row['items']} | {f(row['rougeL_f'])} | {f(row['rougeL_recall'])} | "
+                     f"{f(row['loss'])} | {f(row['em'])} | {f(row['es'])} | {f(row['refusal_rate'])} |")
+    if "auc" in summary:
+        lines += ["", "| MIA score (forget vs holdout) | AUC | PrivLeak % |", "| --- | --- | --- |"]
+        for score, value in summary["auc"].items():
+            lines.append(f"| {score} | {value:.3f} | {f(summary.get('priv_leak', {}).get(score))} |")
+    return "\n".join(lines)

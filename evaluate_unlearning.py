@@ -1,0 +1,127 @@
+"""Did it really forget? Generation, membership inference and memorisation metrics of one (unlearned) model.
+
+    python evaluate_unlearning.py --model_path models/target --model_family smollm2 \
+        --adapter adapter/NPO+GD_epoch5_3e-05_maskTrue_0.9/final_lora_model \
+        --forget data/forget/forget.jsonl --retain data/retain/retain.jsonl --holdout data/holdout.jsonl \
+        --general data/general.jsonl --refusals data/idontknow.jsonl --out results/unlearning/npo_gd
+
+Sets are JSONL in the training format (conversations or question/answer). `--holdout`: items like the
+forget items that the model never trained on (the MIA's non-members); `--general`: general-knowledge
+questions with reference answers (e.g. the untouched model's own). Writes to `--out`:
+`eval_log.json` (every item of every set: answer, ROUGE, refusal, the six MIA scores, EM, ES),
+`summary.json` (per-set means; AUC of every MIA score, forget vs holdout; PrivLeak against
+`--retain_only_summary`, the summary.json of a model never trained on the forget set) and `summary.md`.
+Definitions and orientation: README, "Did it really forget?", and `evals/mia.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from utils.utils import UserError, bool_arg, run_cli, setup_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="model folder (base, target or merged)")
+    parser.add_argument("--adapter", help="a PEFT adapter on top of --model_path (its Reference score uses "
+                                          "--model_path with the adapter off)")
+    parser.add_argument("--reference_model", help="without --adapter: a model folder for the Reference score")
+    parser.add_argument("--model_family", required=True, help="chat tags from config/model_config.yaml")
+    sets = parser.add_argument_group("sets (JSONL; at least --forget)")
+    sets.add_argument("--forget", required=True, help="items that were to be forgotten (MIA members)")
+    sets.add_argument("--retain", help="items to keep")
+    sets.add_argument("--holdout", help="items like the forget set, never trained on (MIA non-members)")
+    sets.add_argument("--general", help="general-knowledge questions with reference answers")
+    sets.add_argument("--refusals", help="refusal sentences, one a line (refusal rate)")
+    parser.add_argument("--retain_only_summary", help="summary.json of a model never trained on the forget set "
+                                                      "(PrivLeak)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="greedy answer length")
+    parser.add_argument("--batch_size", type=int, default=8, help="generation and scoring batch size")
+    parser.add_argument("--min_k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++")
+    parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"],
+                        help="generation backend (vLLM only without --adapter; auto: vLLM with a CUDA GPU)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
+    bool_arg(parser, "--gradnorm", True, "compute the GradNorm score (one backward pass per item)")
+    bool_arg(parser, "--overwrite", False, "replace an existing --out folder's results")
+    bool_arg(parser, "--trust_remote_code", False, "allow the model folder's own Python code to run")
+    return parser.parse_args(argv)
+
+
+def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]:
+    """Every input file, checked before a model loads."""
+    import json
+
+    from dataset.data_module import load_lines, load_qa_jsonl
+
+    sets = {name: [(it.question, it.answer) for it in load_qa_jsonl(path)]
+            for name in ("forget", "retain", "holdout", "general") if (path := getattr(args, name))}
+    refusals = load_lines(args.refusals) if args.refusals else []
+    retain_only = None
+    if args.retain_only_summary:
+        try:
+            retain_only = json.loads(Path(args.retain_only_summary).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"--retain_only_summary {args.retain_only_summary}: {err}") from None
+        if not isinstance(retain_only, dict) or "auc" not in retain_only:
+            raise UserError(f"--retain_only_summary {args.retain_only_summary}: no 'auc' field (not a summary.json "
+                            "of this script with --holdout)")
+    if args.adapter and args.reference_model:
+        raise UserError("--reference_model is for models without --adapter (the adapter's base is its reference)")
+    if not 0 < args.min_k <= 1:
+        raise UserError("--min_k must be in (0, 1]")
+    return sets, refusals, retain_only
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from evals.generation import GenerationConfig, choose_backend, generate, generate_with_model, load_for_eval
+    from evals.unlearning import evaluate_sets, format_summary, reference_nlls, summarise
+    from utils.utils import load_chat_template, write_json
+
+    args = parse_args(argv)
+    setup_logging()
+    out = Path(args.out)
+    if (out / "summary.json").exists() and not args.overwrite:
+        raise UserError(f"{out / 'summary.json'} already exists; pass --overwrite to replace it")
+    template = load_chat_template(args.model_family)
+    sets, refusals, retain_only = read_inputs(args)
+    model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                              trust_remote_code=args.trust_remote_code)
+    backend = "transformers" if args.adapter else choose_backend(args.backend)
+
+    def answers(prompts: list[str]) -> list[str]:
+        if backend == "vllm":
+            return generate(args.model_path, prompts, config, backend="vllm")
+        return generate_with_model(model, tokenizer, prompts, config)
+
+    reference = None
+    if args.adapter:
+        def reference(pairs):
+            with model.disable_adapter():
+                return reference_nlls(model, tokenizer, template, pairs, args.batch_size)
+    elif args.reference_model:
+        ref_model, _ = load_for_eval(args.reference_model, None, args.dtype, args.trust_remote_code)
+
+        def reference(pairs):
+            return reference_nlls(ref_model, tokenizer, template, pairs, args.batch_size)
+
+    log = evaluate_sets(model, tokenizer, template, sets, refusals, answers, reference, args.gradnorm,
+                        args.batch_size, args.min_k)
+    summary = summarise(log, retain_only)
+    summary["model"] = {"model_path": args.model_path, "adapter": args.adapter, "min_k": args.min_k}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "eval_log.json", log)
+    write_json(out / "summary.json", summary)
+    table = format_summary(summary)
+    (out / "summary.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    print(f"written to {out}/eval_log.json, summary.json, summary.md")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)
