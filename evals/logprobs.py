@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataset.data_module import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "sequence_nll", "shift_labels", "token_nll", "upcast"]
+__all__ = ["IGNORE_INDEX", "qa_batches", "sequence_nll", "shift_labels", "token_nll", "upcast"]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -42,3 +42,23 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed NLL of each sequence's counted tokens, shape ``(B,)`` (= -log p(answer | prompt))."""
     nll, _ = token_nll(logits, labels)
     return nll.sum(dim=-1)
+
+
+def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: int):
+    """(question, answer) pairs as training formats them (question masked), collated in batches on the
+    model's device; yields ``(item indices, batch)``. A question that leaves no room for its answer is a
+    :class:`~utils.utils.UserError`."""
+    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from utils.utils import UserError
+
+    samples = []
+    for q, a in pairs:
+        sample = encode_qa(tokenizer, template, q, a, max_length, mask=True)
+        if sample is None:
+            raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
+        samples.append({"x": sample})
+    collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                   else tokenizer.eos_token_id)
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start : start + batch_size])["x"]
+        yield range(start, start + len(batch["input_ids"])), {k: v.to(model.device) for k, v in batch.items()}

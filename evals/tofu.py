@@ -81,21 +81,12 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss)."""
     import torch
 
-    from dataset.data_module import ForgetRetainCollator, encode_qa
-    from evals.logprobs import token_nll
+    from evals.logprobs import qa_batches, token_nll
 
-    samples = []
-    for q, a in zip(questions, answers, strict=True):
-        sample = encode_qa(tokenizer, template, q, a, max_length, mask=True)
-        if sample is None:
-            raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
-        samples.append({"x": sample})
-    collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                   else tokenizer.eos_token_id)
     sums: list[float] = []
     counts: list[int] = []
-    for start in range(0, len(samples), batch_size):
-        batch = {k: v.to(model.device) for k, v in collate(samples[start : start + batch_size])["x"].items()}
+    for _, batch in qa_batches(model, tokenizer, template, list(zip(questions, answers, strict=True)), batch_size,
+                               max_length):
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, counted = token_nll(logits.float(), batch["labels"])

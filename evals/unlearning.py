@@ -50,33 +50,15 @@ class TokenStats:
     labels: list[int]
 
 
-def _batches(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int,
-             max_length: int):
-    """Collated batches of the pairs (question masked), on the model's device, with their item indices."""
-    from dataset.data_module import ForgetRetainCollator, encode_qa
-
-    samples = []
-    for q, a in pairs:
-        sample = encode_qa(tokenizer, template, q, a, max_length, mask=True)
-        if sample is None:
-            raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
-        samples.append({"x": sample})
-    collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                   else tokenizer.eos_token_id)
-    for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start : start + batch_size])["x"]
-        yield range(start, start + len(batch["input_ids"])), {k: v.to(model.device) for k, v in batch.items()}
-
-
 def token_stats(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
                 max_length: int = 512) -> list[TokenStats]:
     """Per item: log p of each answer token, the moments of log p at its position, the argmax and labels."""
     import torch
 
-    from evals.logprobs import shift_labels
+    from evals.logprobs import qa_batches, shift_labels
 
     out: list[TokenStats] = []
-    for _, batch in _batches(model, tokenizer, template, pairs, batch_size, max_length):
+    for _, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length):
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         target = shift_labels(batch["labels"])
@@ -104,7 +86,7 @@ def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[s
     gradient of its mean answer NLL. Weights' ``requires_grad`` flags and the train/eval mode are restored."""
     import torch
 
-    from evals.logprobs import token_nll
+    from evals.logprobs import qa_batches, token_nll
 
     params = [p for p in model.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
@@ -114,7 +96,7 @@ def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[s
     try:
         for p in params:
             p.requires_grad_(True)
-        for _, batch in _batches(model, tokenizer, template, pairs, 1, max_length):
+        for _, batch in qa_batches(model, tokenizer, template, pairs, 1, max_length):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll, mask = token_nll(logits, batch["labels"])
             grads = torch.autograd.grad(nll.sum() / mask.sum(), [p for p in params], allow_unused=True)
