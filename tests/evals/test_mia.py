@@ -48,6 +48,8 @@ def test_min_k_hand_values():
     assert min_k_score(lp) == pytest.approx(4.5)
     assert min_k_score(lp, 0.1) == pytest.approx(5.0)
     assert min_k_score(lp, 1.0) == pytest.approx(3.0)
+    """Rounded down: 7 tokens x 0.4 = 2.8 -> the 2 lowest (-7, -6) -> 6.5, not 3 of them."""
+    assert min_k_score([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0]) == pytest.approx(6.5)
 
 
 def test_min_k_plus_plus_and_moments():
@@ -65,6 +67,8 @@ def test_min_k_plus_plus_and_moments():
     assert score == pytest.approx(math.sqrt(3), rel=1e-5)
     """A flat distribution (sigma 0) with its own token: z = 0, not a division by zero."""
     assert min_k_plus_plus_score([math.log(0.5)], [math.log(0.5)], [0.0]) == 0.0
+    """A sharp but not flat position (sigma 0.01) is divided by its own sigma: z = -0.02 / 0.01 = -2."""
+    assert min_k_plus_plus_score([-1.02], [-1.0], [0.01]) == pytest.approx(2.0)
 
 
 def test_auc_exact_with_ties():
