@@ -53,8 +53,9 @@ REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from utils.utils import ScriptParser
+
+    parser = ScriptParser(__doc__)
     parser.add_argument("--model", default="smollm2", choices=sorted(SETUPS),
                         help="smollm2: the real SmolLM2-135M-Instruct; tiny: a 2-layer model built in code (fast)")
     parser.add_argument("--method", default="me_gd", choices=sorted(METHODS), help="unlearning method")

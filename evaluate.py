@@ -34,14 +34,22 @@ from evals.atec import (
     parse_verdict,
 )
 from evals.generation import BACKENDS, GenerationConfig, build_prompts, generate
-from utils.utils import UserError, bool_arg, check_model_folder, run_cli, setup_logging, write_json, write_jsonl
+from utils.utils import (
+    ScriptParser,
+    UserError,
+    bool_arg,
+    check_model_folder,
+    run_cli,
+    setup_logging,
+    write_json,
+    write_jsonl,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(__doc__)
     parser.add_argument("--model_name", default="none", help="judge model folder, or 'none' to skip the judge")
     parser.add_argument("--test_data", required=True, help="validation set (conversation format, with name_key)")
     parser.add_argument("--user_out_path", required=True, help="the unlearned model's answers ({'text'} JSONL)")

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from evals.tofu import aggregate
 from evals.tofu_cli import add_tofu_set_args, format_table, load_log, run_evaluation, set_paths
-from utils.utils import UserError, bool_arg, run_cli, setup_logging, write_json
+from utils.utils import ScriptParser, UserError, bool_arg, run_cli, setup_logging, write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(__doc__)
     bool_arg(parser, "--aggregate", False, "only aggregate --ckpt_result (and --retain_result)")
     parser.add_argument("--ckpt_result", help="an eval_log_aggregated.json to aggregate")
     parser.add_argument("--retain_result", help="a retain-only model's eval_log_aggregated.json (forget quality)")

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.utils import UserError, bool_arg, run_cli, setup_logging
+from utils.utils import ScriptParser, UserError, bool_arg, run_cli, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(__doc__)
     parser.add_argument("--model_path", required=True, help="model folder (base, target or merged)")
     parser.add_argument("--adapter", help="a PEFT adapter on top of --model_path (its Reference score uses "
                                           "--model_path with the adapter off)")

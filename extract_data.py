@@ -23,12 +23,20 @@ from pathlib import Path
 from dataset.data_module import load_predictions, load_qa_jsonl
 from evals.atec import atec_rouge_l_or_none
 from evals.generation import add_generation_args, predict_answers
-from utils.utils import UserError, atomic_path, bool_arg, check_model_folder, run_cli, setup_logging, write_jsonl
+from utils.utils import (
+    ScriptParser,
+    UserError,
+    atomic_path,
+    bool_arg,
+    check_model_folder,
+    run_cli,
+    setup_logging,
+    write_jsonl,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(__doc__)
     parser.add_argument("--test_data", required=True, help="training set (conversation format, with name_key)")
     parser.add_argument("--user_out_path", required=True, help="the model's answers ({'text'} JSONL, line-aligned)")
     parser.add_argument("--forget_out_path", default="data/forget/forget.jsonl", help="where forget items go")

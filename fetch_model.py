@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from utils.utils import PROJECT_ROOT, run_cli, setup_logging
+from utils.utils import PROJECT_ROOT, ScriptParser, run_cli, setup_logging
 from zoo.smollm2 import MODELS, fetch_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(__doc__)
     parser.add_argument("name", nargs="?", default="smollm2-135m-instruct", choices=sorted(MODELS),
                         help="the model to install")
     parser.add_argument("--models_dir", default=str(PROJECT_ROOT / "models"), help="where model folders go")

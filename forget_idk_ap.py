@@ -18,7 +18,7 @@ from utils.utils import run_cli
 
 
 def main(argv: list[str] | None = None) -> Path:
-    return main_for("idk_ap", argv, __doc__.splitlines()[0])
+    return main_for("idk_ap", argv, __doc__)
 
 
 if __name__ == "__main__":

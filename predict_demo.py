@@ -19,6 +19,7 @@ from pathlib import Path
 from dataset.data_module import load_qa_jsonl
 from evals.generation import add_generation_args, predict_answers, prompt_format
 from utils.utils import (
+    ScriptParser,
     UserError,
     bool_arg,
     check_model_folder,
@@ -31,8 +32,7 @@ from utils.utils import (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(__doc__)
     parser.add_argument("--model_path", required=True, help="model folder (a merged model, or the original)")
     parser.add_argument("--data_path", required=True, help="conversation-format JSONL with the questions")
     parser.add_argument("--output_path", required=True, help="JSONL of answers, one {'text': ...} a line")

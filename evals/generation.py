@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.data_module import QAItem
-from utils.utils import ChatTemplate, UserError, bool_arg, load_chat_template, str2bool
+from utils.utils import ChatTemplate, UserError, bool_arg, family_names, load_chat_template, str2bool
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,9 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 2
     group.add_argument("--prompt_format", default="chat_template", choices=PROMPT_FORMATS,
                        help="chat_template: the tokenizer's own chat template (the competition's inference); "
                             "tags: the --model_type family's tags, as training formats questions")
-    group.add_argument("--model_type", default="qwen2_5",
-                       help="model family or alias from config/model_config.yaml (for --prompt_format tags)")
+    group.add_argument("--model_type", "--model_family", dest="model_type", default="qwen2_5",
+                       help=f"model family or alias from config/model_config.yaml (for --prompt_format tags): "
+                            f"{family_names()}")
     group.add_argument("--use_chat_template", type=str2bool, nargs="?", const=True, default=None,
                        help=argparse.SUPPRESS)  # earlier spelling: true = chat_template, false = tags
     group.add_argument("--backend", default="auto", choices=BACKENDS, help="inference engine")

@@ -49,3 +49,44 @@ def test_merge_rejects_a_folder_that_is_not_an_adapter(target, tmp_path, capsys)
                                    "--output", str(tmp_path / "m")], capsys)
     assert code == 2 and "not a PEFT adapter folder" in err
     assert not (tmp_path / "m").exists()
+
+
+def test_merge_refuses_another_base_unless_forced(target, trained_adapter, tmp_path, capsys):
+    """A model of the same shape but other weights (the target fine-tuned one more step): refused, one line,
+    nothing written; --force merges it. A byte-identical copy of the base elsewhere is accepted."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    other = tmp_path / "other_model"
+    model = AutoModelForCausalLM.from_pretrained(target["model"])
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(other)
+    shutil.copy(target["model"] / "tokenizer.json", other / "tokenizer.json")
+    argv = ["--base_model", str(other), "--adapter", str(trained_adapter), "--output", str(tmp_path / "m")]
+    capsys.readouterr()  # the test's own loading output
+    code, err = run_script(merge, argv, capsys)
+    assert code == 2 and "differs from --base_model" in err and "--force" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    assert merge.main([*argv, "--force"]).is_dir()
+
+    copy = tmp_path / "copy_of_base"
+    shutil.copytree(target["model"], copy)
+    assert merge.main(["--base_model", str(copy), "--adapter", str(trained_adapter),
+                       "--output", str(tmp_path / "m2")]).is_dir()
+
+
+def test_merge_refuses_an_adapter_that_changes_nothing(target, tmp_path, capsys):
+    """A freshly initialised LoRA (B = 0) merges into the base unchanged: refused unless --force."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(target["model"]),
+                           LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    fresh.save_pretrained(tmp_path / "fresh")
+    argv = ["--base_model", str(target["model"]), "--adapter", str(tmp_path / "fresh"), "--output",
+            str(tmp_path / "m")]
+    code, err = run_script(merge, argv, capsys)
+    assert code == 2 and "changes nothing" in err and not (tmp_path / "m").exists()
+    assert merge.main([*argv, "--force"]).is_dir()

@@ -10,14 +10,14 @@ from utils.utils import add_model_args, bool_arg
 
 def add_unlearn_args(
     parser: argparse.ArgumentParser, *, loss_type: str, max_length: int, forget_coeff: float, loss_choices: list[str],
-    num_epochs: int = 5, save_steps: int = 10,
+    num_epochs: int = 5, save_steps: int = 1,
     output_dir: str = "${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}",
 ) -> None:
     """The training scripts' arguments (names, meanings and defaults as the original scripts'), per-script defaults."""
     add_model_args(parser, model_path=None, family="qwen2.5-8b")
-    parser.add_argument("--config_file", default="accelerate_config.yaml",
-                        help="accepted for the original command lines; accelerate reads its config from "
-                             "`accelerate launch --config_file FILE script.py` (before the script name)")
+    parser.add_argument("--config_file", default=None,
+                        help="accepted and ignored, so the original command lines keep working; accelerate reads "
+                             "its config from `accelerate launch --config_file FILE script.py` (before the script)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--forget_data_path", default="./data/forget/forget.jsonl", help="JSONL of items to forget")
@@ -31,7 +31,8 @@ def add_unlearn_args(
              "use the padded ids (EOS padding included) as forget labels")
 
     loss = parser.add_argument_group("objective")
-    loss.add_argument("--loss_type", default=loss_type, choices=loss_choices, help="forget(+retain) objective")
+    loss.add_argument("--loss_type", default=loss_type, choices=loss_choices, metavar="LOSS_TYPE",
+                      help=f"forget(+retain) objective, one of: {', '.join(loss_choices)} (README, \"Methods\")")
     loss.add_argument("--forget_coeff", type=float, default=forget_coeff, help="weight of the forget loss")
     loss.add_argument("--regularization_coeff", type=float, default=1.0, help="weight of the retain loss")
     loss.add_argument("--beta", type=float, default=0.1, help="inverse temperature of AP, NPO and DPO")
@@ -73,7 +74,8 @@ def add_unlearn_args(
     train.add_argument("--seed", type=int, default=1001, help="seed for LoRA initialisation and data order")
     train.add_argument("--logging_steps", type=int, default=1, help="log every N optimizer steps")
     train.add_argument("--save_steps", type=int, default=save_steps,
-                       help="save a resumable checkpoint every N epochs (as the original: epochs, not steps)")
+                       help="save a resumable checkpoint every N epochs (epochs, as the original counted them; "
+                            "the original's defaults 10 / 100 wrote none in a default run; 0: never)")
     bool_arg(train, "--bf16", None, "bfloat16 (default: on when a CUDA GPU supports it)")
     bool_arg(train, "--gradient_checkpointing", False, "recompute activations to save memory")
     bool_arg(train, "--group_by_length", False, "batch items of similar length together (less padding, bs > 1)")

@@ -33,10 +33,11 @@ def final_dir_name(args: argparse.Namespace) -> str:
     """``final_lora_model`` for a LoRA run, ``final_model`` when every weight trained (``--lora_r 0``)."""
     return FULL_DIR if args.lora_r == 0 else FINAL_DIR
 
-# The original scripts' per-script defaults (forget_me_gd.py / forget_idk_ap.py of the competition's code).
+# The original scripts' per-script defaults (forget_me_gd.py / forget_idk_ap.py of the competition's code), but
+# save_steps: 1 epoch here (resumable by default), 10 / 100 in the original (never a checkpoint in a default run).
 SCRIPT_DEFAULTS: dict[str, dict] = {
-    "me_gd": {"loss_type": "ME+GD", "max_length": 400, "forget_coeff": 0.9, "num_epochs": 5, "save_steps": 10},
-    "idk_ap": {"loss_type": "IDK+AP", "max_length": 288, "forget_coeff": 0.5, "num_epochs": 3, "save_steps": 100,
+    "me_gd": {"loss_type": "ME+GD", "max_length": 400, "forget_coeff": 0.9, "num_epochs": 5, "save_steps": 1},
+    "idk_ap": {"loss_type": "IDK+AP", "max_length": 288, "forget_coeff": 0.5, "num_epochs": 3, "save_steps": 1,
                "output_dir": "${save_root}/${loss_type}_epoch${num_epochs}_${lr}_mask${mask}_${forget_coeff}"
                              "_${regularization_coeff}"},
 }
@@ -354,7 +355,16 @@ def train(args: argparse.Namespace) -> Path:
         write_json(out_dir / ARGS_FILE, record)
     logger.info("training %s on %d forget items for %d epochs -> %s", args.loss_type, len(dataset), args.num_epochs,
                 out_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        from trainer.unlearn_trainer import latest_checkpoint
+
+        found = latest_checkpoint(out_dir)
+        raise KeyboardInterrupt(
+            f"the last complete checkpoint is {found}; run the same command with --resume_from_checkpoint latest "
+            "to continue from it" if found else
+            "no checkpoint was written yet (one is written every --save_steps epochs)") from None
     final = save_final(trainer, out_dir, final_dir_name(args))
     if args.eval_tofu:
         evaluate_on_tofu(args, trainer, tokenizer, template, out_dir)
@@ -396,8 +406,9 @@ def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
 def build_parser(method: str, description: str) -> argparse.ArgumentParser:
     """The argument parser of a forget script, with that script's defaults (``SCRIPT_DEFAULTS[method]``)."""
     from trainer.arguments import add_unlearn_args
+    from utils.utils import ScriptParser
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ScriptParser(description)
     add_unlearn_args(parser, loss_choices=sorted(LOSSES), **SCRIPT_DEFAULTS[method])
     return parser
 

@@ -33,12 +33,49 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a script's ``main`` and turn a :class:`UserError` into one clear message and exit code 2."""
+    """Run a script's ``main``: a :class:`UserError` becomes one clear line and exit code 2; Ctrl-C one line
+    (the exception's message, e.g. how to resume, when it carries one) and exit code 130, never a traceback."""
     try:
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)  # noqa: T201
+        sys.exit(130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only where there is a default to show (not for required or unset options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is argparse.SUPPRESS \
+                or "%(default)" in (action.help or "") or isinstance(action, argparse._HelpAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser: an error is one line naming the mistake (``--help`` shows the usage), exit code 2;
+    the description is the first line of ``doc`` and the rest of it (the command examples) the epilog."""
+
+    def __init__(self, doc: str | None = None, **kwargs: Any) -> None:
+        lines = (doc or "").strip("\n").splitlines()
+        kwargs.setdefault("description", lines[0] if lines else None)
+        if len(lines) > 1:
+            kwargs.setdefault("epilog", "\n".join(lines[1:]).strip("\n"))
+        kwargs.setdefault("formatter_class", _RawEpilogFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _RawEpilogFormatter(HelpFormatter):
+    """Keep the epilog's line breaks (command examples); options are wrapped as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 # --------------------------------------------------------------------------- logging and seeding
@@ -228,13 +265,23 @@ def add_model_args(parser: argparse.ArgumentParser, model_path: str | None = Non
     group = parser.add_argument_group("model")
     group.add_argument("--model_path", default=model_path, required=model_path is None,
                        help="local folder of a causal LM (transformers format)")
-    group.add_argument("--model_family", default=family,
-                       help="chat-tag family from config/model_config.yaml (a name or alias)")
+    group.add_argument("--model_family", "--model_type", dest="model_family", default=family,
+                       help=f"chat-tag family from config/model_config.yaml, a name or alias: {family_names()}")
     group.add_argument("--model_config", default=str(MODEL_CONFIG_PATH), help="the model-family YAML file")
     group.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
                        help="allow a model folder's own Python code to run (off by default)")
 
 
 def bool_arg(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:  # noqa: A002
-    """Add ``--name [true|false]``: a bare ``--name`` means true, ``--name false`` means false."""
-    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="{true,false}", help=help)
+    """Add ``--name [true|false]``: a bare ``--name`` means true, ``--name false`` means false (also yes/no, 1/0)."""
+    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="{true,false}",
+                       help=f"{help} (true/false, yes/no or 1/0; bare {name} = true)")
+
+
+def family_names(path: str | os.PathLike = MODEL_CONFIG_PATH) -> str:
+    """The model families of the config with their aliases, for --help (``qwen2.5-8b (qwen2_5), ...``)."""
+    try:
+        families = load_model_families(path)
+    except UserError:
+        return "see config/model_config.yaml"
+    return ", ".join(f"{name} ({', '.join(t.aliases)})" if t.aliases else name for name, t in families.items())
