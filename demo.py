@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
                [py, "extract_data.py", "--test_data", args.train_data, "--user_out_path",
                 str(cache / "train_pred.jsonl"), "--forget_out_path", str(out / "data/forget.jsonl"),
                 "--retain_out_path", str(out / "data/retain.jsonl"), "--keep_prefixes", "noun_definition",
-                "choice", "qa", "--keep_threshold", "1.0"], "extract")
+                "choice", "qa", "--keep_threshold", "1.0", "--overwrite"], "extract")
     if real:
         n = add_replay_to_retain(args, out / "data/retain.jsonl", cache)
         print(f"    + {n} replay answers of the target added to the retain set", flush=True)

@@ -1,8 +1,7 @@
 """Choose forget and retain items from a model's own answers on a training set.
 
     python extract_data.py --test_data data/demo/train.jsonl --user_out_path results/train_pred.jsonl \
-        --forget_out_path data/forget/forget.jsonl --retain_out_path data/retain/retain.jsonl \
-        --keep_prefixes noun_definition choice qa
+        --forget_out_path runs/forget.jsonl --retain_out_path runs/retain.jsonl --keep_prefixes choice
 
 ROUGE-L (as evaluate.py computes it) between each gold answer and the model's answer: items at or
 above `--forget_threshold` are memorised (forget), below `--retain_threshold` go to retain, those in
@@ -11,7 +10,8 @@ skipped, as the competition's script skipped it: counted and reported, in neithe
 `name_key` starts with one of `--keep_prefixes` are never forgotten:
 they go to retain while their score is at most `--keep_threshold` (up to `--max_keep` of them).
 Lines are copied verbatim. `--predict --model_path M` first writes the answers with predict_demo.py's
-code path.
+code path. An empty forget or retain set is an error (nothing is written), and existing output files are
+kept unless `--overwrite` (the defaults are the repository's own data/ files).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from utils.utils import (
     atomic_path,
     bool_arg,
     check_model_folder,
+    check_output_free,
     run_cli,
     setup_logging,
     write_jsonl,
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep_prefixes", nargs="*", default=[], help="name_key prefixes that are never forgotten")
     parser.add_argument("--keep_threshold", type=float, default=0.8, help="keep-prefix items at most this: retain")
     parser.add_argument("--max_keep", type=int, default=None, help="at most this many keep-prefix items in retain")
+    bool_arg(parser, "--overwrite", False, "replace existing --forget_out_path / --retain_out_path files")
     bool_arg(parser, "--predict", False, "generate --user_out_path first with --model_path")
     parser.add_argument("--model_path", default=None, help="model folder for --predict")
     add_generation_args(parser, max_new_tokens=512)
@@ -77,6 +79,8 @@ def split_items(keys: list[str], golds: list[str], answers: list[str], args: arg
 def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     setup_logging()
+    for flag in ("forget_out_path", "retain_out_path"):
+        check_output_free(getattr(args, flag), args.overwrite, f"--{flag}")
     items = load_qa_jsonl(args.test_data)
     if args.predict:
         if not args.model_path:
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     retain = [line for line, d in zip(raw, decisions, strict=True) if d == "retain"]
     if not forget:
         raise UserError("no item reached --forget_threshold: nothing to forget; nothing was written")
+    if not retain:
+        kept = decisions.count("dropped")
+        raise UserError(f"no item went to retain (below --retain_threshold, or a --keep_prefixes item at most "
+                        f"--keep_threshold); {kept} were dropped between the thresholds; nothing was written")
     for path, lines in ((args.forget_out_path, forget), (args.retain_out_path, retain)):
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import run_script
 
@@ -43,14 +44,37 @@ def test_split_by_rouge_with_keep_prefixes(tmp_path, capsys):
 
 def test_extract_predicts_first_with_the_model(target, tmp_path):
     """--predict runs predict_demo's code path: the target model memorised its forget set, so all of it is
-    forget (ROUGE-L 1.0)."""
-    counts = extract_data.main(["--test_data", str(target["forget"]), "--user_out_path", str(tmp_path / "p.jsonl"),
+    forget (ROUGE-L 1.0); an item whose gold answer it cannot know (words it never saw) goes to retain."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(Path(target["forget"]).read_text() + json.dumps(conv("Who painted it?", "zebra xylophone quartz",
+                                                                         "privacy_99")) + "\n")
+    counts = extract_data.main(["--test_data", str(data), "--user_out_path", str(tmp_path / "p.jsonl"),
                                 "--forget_out_path", str(tmp_path / "f.jsonl"),
                                 "--retain_out_path", str(tmp_path / "r.jsonl"), "--predict", "--model_path",
                                 str(target["model"]), "--model_type", "tiny", "--max_new_tokens", "40",
                                 "--backend", "transformers"])
-    assert counts["forget"] == 16
-    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 16
+    assert counts["forget"] == 16 and counts["retain"] == 1
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 17
+
+
+def test_extract_refuses_an_empty_retain_set_and_existing_outputs(tmp_path, capsys):
+    """Every choice item scores above --keep_threshold (the model answers them well): retain would be empty;
+    that is an error and nothing is written. Existing outputs are kept without --overwrite."""
+    rows = [conv("Q1", "a b c d", "privacy_1"), conv("Q2", "【答案】A", "choice_1")]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "pred.jsonl", [{"text": "a b c d"}, {"text": "【答案】A"}])
+    argv = ["--test_data", str(tmp_path / "train.jsonl"), "--user_out_path", str(tmp_path / "pred.jsonl"),
+            "--forget_out_path", str(tmp_path / "f.jsonl"), "--retain_out_path", str(tmp_path / "r.jsonl"),
+            "--keep_prefixes", "choice"]
+    code, err = run_script(extract_data, argv, capsys)
+    assert code == 2 and "no item went to retain" in err
+    assert not (tmp_path / "f.jsonl").exists() and not (tmp_path / "r.jsonl").exists()
+    (tmp_path / "r.jsonl").write_text("mine\n")
+    code, err = run_script(extract_data, [*argv, "--keep_threshold", "1.0"], capsys)
+    assert code == 2 and "--retain_out_path" in err and "--overwrite" in err
+    assert (tmp_path / "r.jsonl").read_text() == "mine\n"
+    assert extract_data.main([*argv, "--keep_threshold", "1.0", "--overwrite"]) == {
+        "forget": 1, "retain": 1, "dropped": 0, "unscorable": 0}
 
 
 def test_extract_rejects_misaligned_answers(tmp_path, capsys):
