@@ -85,6 +85,41 @@ def test_idk_file_without_lines(target, tmp_path, capsys):
 def test_unknown_loss_type_fails_at_parse_time(target, tmp_path, capsys):
     code, err = run_script(forget_me_gd, training_argv(target, tmp_path, {"--loss_type": "ME+GDX"}), capsys)
     assert code == 2 and "invalid choice: 'ME+GDX'" in err
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err  # one line, not 35 lines of usage first
+    code, err = run_script(forget_me_gd, training_argv(target, tmp_path, {"--mask": "nope"}), capsys)
+    assert code == 2 and "--mask" in err and len(err.strip().splitlines()) == 1
+
+
+def test_progress_bar_shows_losses_instead_of_printing_a_dict_per_step(target, tmp_path, capsys):
+    forget_me_gd.main(training_argv(target, tmp_path, {"--num_epochs": "1", "--bs": "4", "--logging_steps": "1"}))
+    out = capsys.readouterr()
+    assert "{'loss'" not in out.out + out.err and "forget_loss=" in out.err
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_one_line_and_the_default_run_resumes(target, tmp_path):
+    """With the default --save_steps (1 epoch) a checkpoint exists after the first epoch; SIGINT then ends the
+    run with exit code 130 and one line saying how to resume, no traceback; the same command with
+    --resume_from_checkpoint latest finishes it."""
+    forget = write(tmp_path / "forget.jsonl", Path(target["forget"]).read_text() * 6)
+    argv = training_argv(target, tmp_path, {"--forget_data_path": str(forget), "--num_epochs": "3", "--bs": "1"})
+    run = tmp_path / "run"
+    cmd = [sys.executable, "forget_me_gd.py", *argv, "--output_dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoint-epoch-1").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err[-2000:]
+    said = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1 and said[0].startswith("interrupted: the last complete checkpoint is")
+    assert "--resume_from_checkpoint latest" in said[0] and "Traceback" not in err
+    resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], cwd=ROOT, env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (run / "final_lora_model" / "adapter_model.safetensors").is_file()
 
 
 def test_some_questions_too_long_are_skipped_and_counted(target, tmp_path, caplog):

@@ -303,11 +303,13 @@ def _trim_log(path: Path, last_step: int) -> None:
 def train(args: argparse.Namespace) -> Path:
     """Run one unlearning job; returns the folder of the final adapter."""
     from transformers import TrainerState
+    from transformers.trainer_callback import ProgressCallback
 
     from trainer.unlearn_trainer import (
         DatasetEpochCallback,
         EpochCheckpointCallback,
         JsonlLogCallback,
+        QuietProgressCallback,
         UnlearnTrainer,
     )
 
@@ -340,6 +342,8 @@ def train(args: argparse.Namespace) -> Path:
         callbacks=[EpochCheckpointCallback(args.save_steps), JsonlLogCallback(out_dir / LOG_FILE),
                    DatasetEpochCallback(dataset)],
     )
+    if trainer.pop_callback(ProgressCallback) is not None:  # present unless --disable_tqdm-like settings
+        trainer.add_callback(QuietProgressCallback)
     if resume is not None:
         trainer.load_dual_state(resume)
     if trainer.is_world_process_zero():
@@ -353,7 +357,8 @@ def train(args: argparse.Namespace) -> Path:
                   "gradient_accumulation_steps": training_args.gradient_accumulation_steps, "bf16": bf16,
                   "world_size": training_args.world_size, "train_items": len(dataset), "resumed_from": resume}
         write_json(out_dir / ARGS_FILE, record)
-    logger.info("training %s on %d forget items for %d epochs -> %s", args.loss_type, len(dataset), args.num_epochs,
+    logger.info("training %s on %d forget items for %d epoch%s -> %s", args.loss_type, len(dataset), args.num_epochs,
+                "" if args.num_epochs == 1 else "s",
                 out_dir)
     try:
         trainer.train(resume_from_checkpoint=resume)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 
 from dataset.data_module import IGNORE_INDEX
 from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
@@ -308,6 +309,23 @@ class DatasetEpochCallback(TrainerCallback):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(int(round(state.epoch or 0)))
         return control
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The training bar with the latest losses as its postfix, instead of a printed dict of strings per log
+    (every step at the default --logging_steps 1); the full rows are in train_log.jsonl. The end-of-training
+    summary (runtime, samples/s) still prints once."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "train_runtime" in logs:
+            super().on_log(args, state, control, logs=logs, **kwargs)
+            return
+        shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "forget_loss", "retain_loss", "retain_weight")
+                 and isinstance(v, int | float)}
+        if shown:
+            self.training_bar.set_postfix(shown, refresh=False)
 
 
 class JsonlLogCallback(TrainerCallback):
