@@ -203,3 +203,18 @@ def test_report_to_a_logger_that_is_not_installed(target, tmp_path, capsys):
     code, err = run_script(forget_me_gd, training_argv(target, tmp_path, {"--report_to": "swanlab"}), capsys)
     assert code == 2 and "swanlab" in err and "not installed" in err
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_family_that_does_not_fit_the_tokenizer_is_warned_about(target, caplog):
+    """Llama-3 tags on the tiny (ChatML) model: its tokenizer has no <|eot_id|> etc.; the fitting family is quiet."""
+    from trainer import recipe
+
+    for family, expect in (("llama3-8b", True), ("tiny", False)):
+        caplog.clear()
+        args = recipe.build_parser("me_gd", "").parse_args(["--model_path", str(target["model"]),
+                                                            "--model_family", family])
+        recipe.load_tokenizer(args, recipe.load_chat_template(family))
+        warned = [r.getMessage() for r in caplog.records if "do not fit this model" in r.getMessage()]
+        assert bool(warned) == expect, family
+        if expect:
+            assert "<|eot_id|>" in warned[0] and "tiny" in warned[0]

@@ -17,7 +17,9 @@ from utils.utils import (
     PROJECT_ROOT,
     UserError,
     check_model_folder,
+    family_names,
     load_chat_template,
+    missing_tag_tokens,
     seed_everything,
     write_json,
     write_jsonl,
@@ -198,6 +200,11 @@ def load_tokenizer(args: argparse.Namespace, template):
                                               trust_remote_code=args.trust_remote_code or template.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    missing = missing_tag_tokens(template, tokenizer)
+    if missing:
+        logger.warning("--model_family %s: the tokenizer of %s has no token %s: the family's chat tags do not "
+                       "fit this model (pick its family: %s)", args.model_family, args.model_path,
+                       ", ".join(missing), family_names(args.model_config))
     return tokenizer
 
 

@@ -167,6 +167,17 @@ def load_model_families(path: str | os.PathLike = MODEL_CONFIG_PATH) -> dict[str
     return families
 
 
+def missing_tag_tokens(template: ChatTemplate, tokenizer) -> list[str]:
+    """Special tokens of the family's tags (``<|im_start|>``, ``<|eot_id|>``, ...) that ``tokenizer`` does not
+    know as single tokens: a sign that ``--model_family`` does not fit the model (its tags would be split
+    into ordinary text pieces the model never saw as markers)."""
+    import re
+
+    tags = template.question_start_tag + template.question_end_tag + template.answer_tag
+    vocab = tokenizer.get_vocab()
+    return sorted({tok for tok in re.findall(r"<\|[^|<>]+\|>", tags) if tok not in vocab})
+
+
 def load_chat_template(family: str, path: str | os.PathLike = MODEL_CONFIG_PATH) -> ChatTemplate:
     """Return the chat template of ``family`` (a family name or one of its aliases)."""
     families = load_model_families(path)
