@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
                    [py, "evaluate.py", "--model_name", str(target), "--test_data", args.valid_data,
                     "--user_out_path", str(answers), "--we_out_path", str(cache / "original.jsonl"),
                     "--out_path", str(out / "scores" / f"{name}.jsonl"), "--backend", "transformers",
-                    "--judge_max_tokens", "8"], "evaluate")
+                    "--judge_max_tokens", "8", "--overwrite"], "evaluate")
         scores[name] = {**json.loads((out / "scores" / f"{name}.jsonl").read_text()),
                         **extra_metrics(args, results, cache, name)}
 

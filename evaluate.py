@@ -39,6 +39,7 @@ from utils.utils import (
     UserError,
     bool_arg,
     check_model_folder,
+    check_output_free,
     run_cli,
     setup_logging,
     write_json,
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--we_out_path", default=None, help="the original model's answers (needed by the judge)")
     parser.add_argument("--out_path", required=True, help="where to write the scores (one JSON line)")
     parser.add_argument("--details_path", default=None, help="optional JSONL of per-item scores")
+    bool_arg(parser, "--overwrite", False, "replace an existing --out_path / --details_path file")
     bool_arg(parser, "--allow_missing_categories", False,
              "score a test file that lacks a category by leaving that term out (default: an error)")
     judge = parser.add_argument_group("judge")
@@ -166,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     items = load_qa_jsonl(args.test_data)
     unlearned = load_predictions(args.user_out_path, args.test_data, len(items))
+    check_output_free(args.out_path, args.overwrite, "--out_path")
+    if args.details_path:
+        check_output_free(args.details_path, args.overwrite, "--details_path")
     use_judge = args.model_name.lower() != "none"
     keys = [it.name_key for it in items]
     check_categories(args, items, use_judge)

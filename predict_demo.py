@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model_path", required=True, help="model folder (a merged model, or the original)")
     parser.add_argument("--data_path", required=True, help="conversation-format JSONL with the questions")
     parser.add_argument("--output_path", required=True, help="JSONL of answers, one {'text': ...} a line")
-    bool_arg(parser, "--overwrite", True, "replace an existing output file")
+    bool_arg(parser, "--overwrite", False, "replace an existing output file")
     add_generation_args(parser)
     return parser.parse_args(argv)
 

@@ -156,6 +156,24 @@ def test_evaluate_malformed_predictions(tmp_path, capsys):
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_scripts_keep_existing_outputs_unless_overwrite(trained_adapter, target, tmp_path, capsys):
+    """One rule for every script: an existing output is kept unless --overwrite (predict_demo.py replaced it
+    silently by default, evaluate.py always)."""
+    import predict_demo
+
+    write(tmp_path / "s.jsonl", "earlier scores\n")
+    write(tmp_path / "a.jsonl", "earlier answers\n")
+    write(tmp_path / "p.jsonl", '{"text": "an answer"}\n' * 16)  # line-aligned with the 16 forget items
+    code, err = run_script(evaluate, ["--test_data", str(target["forget"]), "--user_out_path",
+                                      str(tmp_path / "p.jsonl"), "--out_path", str(tmp_path / "s.jsonl")], capsys)
+    assert code == 2 and "--out_path" in err and "--overwrite" in err
+    code, err = run_script(predict_demo, ["--model_path", str(target["model"]), "--data_path", str(target["forget"]),
+                                          "--output_path", str(tmp_path / "a.jsonl")], capsys)
+    assert code == 2 and "--output_path" in err and "--overwrite" in err
+    assert (tmp_path / "s.jsonl").read_text() == "earlier scores\n"
+    assert (tmp_path / "a.jsonl").read_text() == "earlier answers\n"
+
+
 # --------------------------------------------------------------------------- kill and resume
 
 
