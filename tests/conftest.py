@@ -54,7 +54,8 @@ def template():
 def shared_data() -> Path:
     """``../shared/data`` beside the checkout; tests that need it skip when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"reference data not found at {SHARED_DATA}")
+        pytest.skip(f"reference data (TOFU, the ATEC 2025 validation set) not found at {SHARED_DATA}; "
+                    "set UNLEARN_SHARED_DATA to its folder")
     return SHARED_DATA
 
 
