@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -60,7 +61,10 @@ class ScriptParser(argparse.ArgumentParser):
     the description is the first line of ``doc`` and the rest of it (the command examples) the epilog."""
 
     def __init__(self, doc: str | None = None, **kwargs: Any) -> None:
-        lines = (doc or "").strip("\n").splitlines()
+        # a docstring's "\<newline>" continuations vanish (not a raw string), leaving a run of spaces before the
+        # next option of a command example: put the line break back
+        doc = re.sub(r"(?<=\S) {3,}(?=--)", " \\\n        ", doc or "")
+        lines = doc.strip("\n").splitlines()
         kwargs.setdefault("description", lines[0] if lines else None)
         if len(lines) > 1:
             kwargs.setdefault("epilog", "\n".join(lines[1:]).strip("\n"))

@@ -93,3 +93,27 @@ def test_reloaded_tokenizer_splits_like_the_built_one(tiny_model_dir, tokenizer)
     built = build_tokenizer()
     text = "The phone of Gao Fang is 170-7153-2424. 我不知道。\n<|im_start|>user\nHi<|im_end|>"
     assert built(text).input_ids == tokenizer(text).input_ids
+
+
+def test_script_parser_errors_in_one_line_and_help_without_none_defaults(capsys):
+    """An argument error is one line (exit 2, no usage block); --help shows no '(default: None)' for required
+    or unset options and keeps a docstring command's line breaks in the epilog."""
+    from utils.utils import ScriptParser, bool_arg
+
+    doc = """Do a thing.
+
+    python thing.py --a 1 \\
+        --b 2
+    """
+    parser = ScriptParser(doc, prog="thing.py")
+    parser.add_argument("--a", required=True, help="needed")
+    parser.add_argument("--b", default=None, help="optional")
+    parser.add_argument("--c", type=int, default=3, help="has one")
+    bool_arg(parser, "--flag", False, "a switch")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--a", "1", "--c", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "usage" not in err and "--c" in err
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: 3)" in text and "yes/no" in text
+    assert "python thing.py --a 1 \\\n        --b 2" in text
