@@ -106,7 +106,10 @@ def test_ctrl_c_leaves_one_line_and_the_default_run_resumes(target, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "forget_me_gd.py", *argv, "--output_dir", str(run)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a shell starts background jobs with SIGINT ignored (and Python then keeps it ignored): restore the default,
+    # as a terminal's foreground process has it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (run / "checkpoint-epoch-1").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
