@@ -342,7 +342,7 @@ def train(args: argparse.Namespace) -> Path:
         retain_coeff=args.regularization_coeff,
         params=loss_params(args),
         ref_model=ref_model,
-        hidden_layer=args.rmu_layer if uses_hidden_states(args.loss_type) else None,
+        hidden_layer=args.rmu_layer,  # read only when a term needs hidden states
         steering_coeff=args.rmu_steering_coeff,
         dual_epsilon=args.pdu_epsilon,
         dual_step_size=args.pdu_dual_step_size,

@@ -95,7 +95,6 @@ class UnlearnTrainer(Trainer):
         # same weights with the LoRA adapter switched off
         self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False) if ref_model is not None \
             else None
-        self.hidden_layer = hidden_layer
         self.steering_coeff = steering_coeff
         self._layer = decoder_layers(unwrapped)[hidden_layer] if self.hidden_parts else None
         self._ref_layer = decoder_layers(self.ref_model)[hidden_layer] \
@@ -174,12 +173,12 @@ class UnlearnTrainer(Trainer):
         finally:
             ref.train(was_training)
 
-    def _steering(self, hidden: torch.Tensor) -> torch.Tensor:
-        """RMU's ``c * u``, drawn once from the run's seed when the hidden size is first seen."""
-        if self.params.steering is None or self.params.steering.size(-1) != hidden.size(-1):
-            vector = steering_vector(hidden.size(-1), self.steering_coeff, self.args.seed)
+    def _ensure_steering(self, hidden: torch.Tensor) -> None:
+        """RMU's ``c * u``: drawn once from the run's seed when the hidden size is first seen, and kept on the
+        hidden states' device (the loss subtracts it from them)."""
+        if self.params.steering is None:
+            vector = steering_vector(hidden.size(-1), self.steering_coeff, self.args.seed).to(hidden.device)
             self.params = dataclasses.replace(self.params, steering=vector)
-        return self.params.steering.to(device=hidden.device, dtype=hidden.dtype)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = {}
@@ -200,7 +199,7 @@ class UnlearnTrainer(Trainer):
             logits, hidden = self._run(model, part, keep, layer)
             outputs[name] = PartOutput(logits, labels, ref_logits, hidden, ref_hidden)
         if "forget" in self.hidden_parts:
-            self._steering(outputs["forget"].hidden)
+            self._ensure_steering(outputs["forget"].hidden)
         forget = self.forget_term.compute(outputs, self.params)
         loss = self.forget_coeff * forget
         components = {"forget_loss": forget.detach()}
