@@ -403,6 +403,20 @@ LOSSES: dict[str, tuple[LossTerm, LossTerm | None]] = {
 IDK_PARTS = frozenset({"forget_idk", "retain_idk"})
 
 
+def _any_term(loss_type: str, test: Callable[[LossTerm], bool]) -> bool:
+    return any(term is not None and test(term) for term in LOSSES[loss_type])
+
+
 def needs_idk(loss_type: str) -> bool:
     """Whether ``loss_type`` reads a refusal part (so an IDK file is required)."""
-    return any(term is not None and IDK_PARTS & set(term.parts) for term in LOSSES[loss_type])
+    return _any_term(loss_type, lambda term: bool(IDK_PARTS & set(term.parts)))
+
+
+def needs_hidden(loss_type: str) -> bool:
+    """Whether a term of ``loss_type`` reads a layer's hidden states (RMU)."""
+    return _any_term(loss_type, lambda term: term.needs_hidden)
+
+
+def needs_reference(loss_type: str) -> bool:
+    """Whether a term of ``loss_type`` reads reference outputs (NPO, DPO, KL, UNDIAL, RMU)."""
+    return _any_term(loss_type, lambda term: term.needs_ref)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem, load_lines, load_qa_jsonl
-from trainer.losses import LOSSES, LossParams, needs_idk
+from trainer.losses import LOSSES, LossParams, needs_hidden, needs_idk, needs_reference
 from utils.utils import (
     PROJECT_ROOT,
     UserError,
@@ -111,7 +111,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     for flag in ("lora_r", "ceu_skip_tokens", "rmu_layer"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be at least 0")
-    if uses_hidden_states(args.loss_type):
+    if needs_hidden(args.loss_type):
         layers = _num_layers(args, template)
         if layers is not None and args.rmu_layer >= layers:
             raise UserError(f"--rmu_layer {args.rmu_layer}: the model has {layers} decoder layers "
@@ -145,16 +145,6 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     return out_dir, template, data
 
 
-def uses_hidden_states(loss_type: str) -> bool:
-    """Whether a term of ``loss_type`` reads a layer's hidden states (RMU)."""
-    return any(term is not None and term.needs_hidden for term in LOSSES[loss_type])
-
-
-def uses_reference(loss_type: str) -> bool:
-    """Whether a term of ``loss_type`` reads reference outputs (NPO, DPO, KL, UNDIAL, RMU)."""
-    return any(term is not None and term.needs_ref for term in LOSSES[loss_type])
-
-
 def _num_layers(args: argparse.Namespace, template) -> int | None:
     """The model's decoder layer count from its config (``None`` when the config does not say)."""
     from transformers import AutoConfig
@@ -166,7 +156,7 @@ def _num_layers(args: argparse.Namespace, template) -> int | None:
 
 def trained_layers(args: argparse.Namespace) -> list[int] | None:
     """RMU trains only the steered layer and the two below it (as WMDP's RMU); other methods: every layer."""
-    if not uses_hidden_states(args.loss_type):
+    if not needs_hidden(args.loss_type):
         return None
     return list(range(max(0, args.rmu_layer - 2), args.rmu_layer + 1))
 
@@ -327,7 +317,7 @@ def train(args: argparse.Namespace) -> Path:
     dataset = build_dataset(args, tokenizer, template, data)  # all input errors surface before the model loads
     model = build_model(args, template, bf16)
     # full fine-tuning has no adapter to switch off: a frozen copy is the reference, made only when read
-    ref_model = copy.deepcopy(model) if args.lora_r == 0 and uses_reference(args.loss_type) else None
+    ref_model = copy.deepcopy(model) if args.lora_r == 0 and needs_reference(args.loss_type) else None
     training_args = build_training_args(args, out_dir, bf16)
     forget_term, retain_term = LOSSES[args.loss_type]
     trainer = UnlearnTrainer(

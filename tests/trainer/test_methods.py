@@ -15,6 +15,8 @@ from trainer.losses import (
     PartOutput,
     ceu_loss,
     dual_step,
+    needs_hidden,
+    needs_reference,
     pdu_forget_loss,
     rmu_loss,
     satimp_loss,
@@ -356,3 +358,5 @@ def test_table_flags():
     assert rmu_r.needs_hidden and rmu_r.needs_ref and not rmu_r.needs_logits
     assert LOSSES["PDU"][1].dual and not LOSSES["ME+GD"][1].dual
     assert not any(t.needs_hidden for t in LOSSES["ME+GD"])  # logit-only methods register no hook
+    assert needs_hidden("RMU") and needs_hidden("RMU+GD") and not needs_hidden("ME+GD")
+    assert needs_reference("UNDIAL+GD") and needs_reference("ME+KL") and not needs_reference("SimNPO+GD")
