@@ -77,7 +77,7 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]
 
 def main(argv: list[str] | None = None) -> dict:
     from evals.generation import GenerationConfig, choose_backend, generate, generate_with_model, load_for_eval
-    from evals.unlearning import evaluate_sets, format_summary, reference_nlls, summarise
+    from evals.unlearning import adapter_off_reference, evaluate_sets, format_summary, reference_nlls, summarise
     from utils.utils import load_chat_template, write_json
 
     args = parse_args(argv)
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     reference = None
     if args.adapter:
-        def reference(pairs):
-            with model.disable_adapter():
-                return reference_nlls(model, tokenizer, template, pairs, args.batch_size)
+        reference = adapter_off_reference(model, tokenizer, template, args.batch_size)
     elif args.reference_model:
         ref_model, _ = load_for_eval(args.reference_model, None, args.dtype, args.trust_remote_code)
 

@@ -21,6 +21,7 @@ from utils.utils import (
     UserError,
     atomic_path,
     bool_arg,
+    check_adapter_folder,
     check_model_folder,
     check_output_free,
     run_cli,
@@ -57,9 +58,7 @@ def default_output(adapter: Path) -> Path:
 
 def validate(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     base = check_model_folder(args.base_model, "--base_model")
-    adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json there)")
+    adapter = check_adapter_folder(args.adapter)
     output = check_output_free(Path(args.output) if args.output else default_output(adapter), args.overwrite)
     problem = base_mismatch(base, adapter)
     if problem and not args.force:

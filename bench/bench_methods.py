@@ -75,23 +75,16 @@ def build_target(kind: str, work: Path) -> dict:
             "retain": pairs_of(retain), "work": work}
 
 
-def mean_nll(model_dir: Path, adapter: Path | None, family: str, pairs: list[tuple[str, str]]) -> float:
-    """Mean answer-token NLL of ``pairs`` under the model (+ adapter)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def mean_nll(model_dir: Path, final: Path | None, family: str, pairs: list[tuple[str, str]]) -> float:
+    """Mean answer-token NLL of ``pairs`` under the model, plus a run's output: a LoRA adapter or, from
+    ``--lora_r 0``, a whole model."""
+    from evals.generation import load_for_eval
     from evals.tofu import answer_losses
     from utils.utils import load_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if adapter is not None and (adapter / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                                          str(adapter))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(adapter or model_dir, dtype=torch.float32)
-    sums, counts = answer_losses(model.eval(), tokenizer, load_chat_template(family), [q for q, _ in pairs],
+    lora = final is not None and (final / "adapter_config.json").is_file()
+    model, tokenizer = load_for_eval(model_dir, final) if lora else load_for_eval(final or model_dir)
+    sums, counts = answer_losses(model, tokenizer, load_chat_template(family), [q for q, _ in pairs],
                                  [a for _, a in pairs])
     return sum(sums) / sum(counts)
 

@@ -91,7 +91,7 @@ def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[
              retain_only: dict | None = None) -> dict:
     """Evaluate one model on the four sets (cached in ``out/summary.json``)."""
     from evals.generation import GenerationConfig, generate_with_model, load_for_eval
-    from evals.unlearning import evaluate_sets, reference_nlls, summarise
+    from evals.unlearning import adapter_off_reference, evaluate_sets, summarise
     from utils.utils import load_chat_template, write_json
 
     if (out / "summary.json").is_file():
@@ -102,12 +102,7 @@ def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[
     def generate(prompts):
         return generate_with_model(model, tokenizer, prompts, GenerationConfig(max_new_tokens=48, batch_size=16))
 
-    reference = None
-    if adapter is not None:
-        def reference(pairs):
-            with model.disable_adapter():
-                return reference_nlls(model, tokenizer, template, pairs)
-
+    reference = adapter_off_reference(model, tokenizer, template) if adapter is not None else None
     log = evaluate_sets(model, tokenizer, template, data, refusals, generate, reference)
     summary = summarise(log, retain_only)
     out.mkdir(parents=True, exist_ok=True)

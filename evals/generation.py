@@ -89,11 +89,11 @@ def load_for_eval(model_path: str | os.PathLike, adapter: str | os.PathLike | No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.utils import check_model_folder
+    from utils.utils import check_adapter_folder, check_model_folder
 
     check_model_folder(model_path)
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter {adapter}: not a PEFT adapter folder (no adapter_config.json there)")
+    if adapter:
+        check_adapter_folder(adapter)
     tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:

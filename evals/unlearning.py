@@ -80,6 +80,16 @@ def reference_nlls(model, tokenizer, template: ChatTemplate, pairs: Sequence[tup
     return [loss_score(st.logprobs) for st in token_stats(model, tokenizer, template, pairs, batch_size, max_length)]
 
 
+def adapter_off_reference(model, tokenizer, template: ChatTemplate, batch_size: int = 8
+                          ) -> Callable[[Sequence[tuple[str, str]]], list[float]]:
+    """The Reference score's reference for a ``PeftModel``: the same weights with the adapter switched off."""
+    def reference(pairs: Sequence[tuple[str, str]]) -> list[float]:
+        with model.disable_adapter():
+            return reference_nlls(model, tokenizer, template, pairs, batch_size)
+
+    return reference
+
+
 def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
                max_length: int = 512) -> list[float]:
     """GradNorm: per item, the L2 norm (over every floating weight of the model, adapter included) of the

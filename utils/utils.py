@@ -202,6 +202,14 @@ def check_model_folder(path: str | os.PathLike, flag: str = "--model_path") -> P
     return path
 
 
+def check_adapter_folder(path: str | os.PathLike, flag: str = "--adapter") -> Path:
+    """A PEFT adapter folder (with adapter_config.json), or a clear error."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"{flag} {path}: not a PEFT adapter folder (no adapter_config.json there)")
+    return path
+
+
 def check_output_free(path: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Path:
     """Refuse to write into an existing non-empty folder (or over a file) unless ``overwrite``."""
     path = Path(path)

@@ -26,19 +26,13 @@ def base_args(target: dict, tmp_path: Path, *extra: str) -> list[str]:
 
 def answer_nll(model_dir: Path, run_final: Path | None, pairs) -> float:
     """Mean answer-token NLL (question masked) of ``pairs`` under the target model (+ adapter or full model)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from evals.generation import load_for_eval
     from evals.tofu import answer_losses
     from utils.utils import load_chat_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if run_final is None or not (run_final / "adapter_config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(run_final or model_dir)
-    else:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(run_final))
-    sums, counts = answer_losses(model.eval(), tokenizer, load_chat_template("tiny"), [q for q, _ in pairs],
+    lora = run_final is not None and (run_final / "adapter_config.json").is_file()
+    model, tokenizer = load_for_eval(model_dir, run_final) if lora else load_for_eval(run_final or model_dir)
+    sums, counts = answer_losses(model, tokenizer, load_chat_template("tiny"), [q for q, _ in pairs],
                                  [a for _, a in pairs])
     return sum(sums) / sum(counts)
 
