@@ -91,6 +91,29 @@ def trained_adapter(target, tmp_path_factory) -> Path:
                               "--num_epochs", "2", "--bs", "4", "--lr", "2e-3", "--save_root", str(out)])
 
 
+def base_args(target: dict, tmp_path: Path, *extra: str) -> list[str]:
+    """A forget script's arguments for the ``target`` model and files, runs under ``tmp_path/adapter``."""
+    return ["--model_path", str(target["model"]), "--model_family", "tiny",
+            "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
+            "--idk_data_path", str(target["idk"]), "--save_root", str(tmp_path / "adapter"), *extra]
+
+
+def launch_two_processes(script: str, argv: list[str]):
+    """``accelerate launch`` of a top-level script on two gloo processes (config/accelerate_cpu.yaml) on a free
+    port; returns the finished ``subprocess.CompletedProcess``."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port: the default 29500 may be held by another run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "config/accelerate_cpu.yaml",
+           "--main_process_port", str(port), script, *argv]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def run_script(module, argv: list[str], capsys) -> tuple[int, str]:
     """Run a script's CLI entry (``run_cli(main)``) in-process: (exit code, stderr)."""
     from utils.utils import run_cli

@@ -64,6 +64,10 @@ def add_unlearn_args(
     train.add_argument("--bs", type=int, default=1, help="per-device batch size (forget items per step)")
     train.add_argument("--gradient_accumulation_steps", type=int, default=None,
                        help="default: accelerate's config value when launched by it, else 1")
+    train.add_argument("--loss_reduction", default="global", choices=["global", "micro_batch"],
+                       help="global: each term is a mean over all items of the optimizer step (its tokens or rows), "
+                            "the same on 1 process, N processes or N accumulation micro-batches; micro_batch: the "
+                            "mean of per-micro-batch means, as the original (results then depend on the split)")
     train.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     train.add_argument("--wd", type=float, default=0.01, help="weight decay")
     train.add_argument("--lr_scheduler_type", default="cosine",

@@ -310,6 +310,41 @@ class LossParams:
     steering: torch.Tensor | None = None  # RMU's c * u, made by the trainer once the hidden size is known
 
 
+# --------------------------------------------------------------------------- what a term averages over
+# Every term is a mean over units (answer tokens, or rows) of its batch. The trainer needs the unit count to
+# make that mean a global one over a whole optimizer step (all micro-batches, all processes), so that a step
+# gives the same loss however its items are split. Each counter below is exactly the divisor of the term's
+# mean (tests/trainer/test_world_size.py holds every term to it).
+
+Units = Callable[[Mapping[str, torch.Tensor], LossParams], torch.Tensor]
+
+
+def answer_tokens(labels: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """Counted (predicted) tokens of a part, leaving out each row's first ``skip`` of them."""
+    target = shift_labels(labels)
+    if skip:
+        target = skip_first_answer_tokens(target, skip)
+    return (target != IGNORE_INDEX).sum()
+
+
+def answered_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Rows with at least one counted token (SimNPO normalises by length, so an empty row counts as nothing)."""
+    return (shift_labels(labels) != IGNORE_INDEX).any(dim=-1).sum()
+
+
+def all_rows(labels: torch.Tensor) -> torch.Tensor:
+    """Every row of a part (sequence-level terms: NPO, DPO, AP, RMU)."""
+    return torch.tensor(labels.size(0), device=labels.device)
+
+
+def _tokens_of(part: str) -> Units:
+    return lambda labels, p: answer_tokens(labels[part])
+
+
+def _rows_of(part: str) -> Units:
+    return lambda labels, p: all_rows(labels[part])
+
+
 @dataclass(frozen=True)
 class LossTerm:
     """One term of an objective: the batch parts it reads, what it needs computed, and how.
@@ -317,12 +352,14 @@ class LossTerm:
     ``needs_ref``: reference outputs (the model with its adapter off, or a frozen copy when every weight
     trains). ``needs_hidden``: the hidden states of the trainer's chosen layer (RMU). ``needs_logits``:
     False lets the trainer skip the output head for the part. ``dual``: the term's weight is PDU's dual
-    variable instead of a fixed coefficient.
+    variable instead of a fixed coefficient. ``units``: the count the term's mean divides by, from the
+    parts' labels alone (known before any forward pass).
     """
 
     parts: tuple[str, ...]
     needs_ref: bool
     compute: Callable[[Mapping[str, PartOutput], LossParams], torch.Tensor]
+    units: Units
     needs_hidden: bool = False
     needs_logits: bool = True
     dual: bool = False
@@ -332,11 +369,12 @@ def _f(o: Mapping[str, PartOutput]) -> PartOutput:
     return o["forget"]
 
 
-GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels))
-ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels))
-IDK = LossTerm(("forget_idk",), False, lambda o, p: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels))
+GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
+ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
+IDK = LossTerm(("forget_idk",), False, lambda o, p: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels),
+               _tokens_of("forget_idk"))
 NPO = LossTerm(("forget",), True,
-               lambda o, p: npo_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.beta))
+               lambda o, p: npo_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.beta), _rows_of("forget"))
 DPO = LossTerm(
     ("forget", "forget_idk"),
     True,
@@ -344,31 +382,39 @@ DPO = LossTerm(
         _f(o).logits, _f(o).labels, o["forget_idk"].logits, o["forget_idk"].labels,
         _f(o).ref_logits, o["forget_idk"].ref_logits, p.beta,
     ),
+    _rows_of("forget"),
 )
 SIMNPO = LossTerm(("forget",), False,
-                  lambda o, p: simnpo_loss(_f(o).logits, _f(o).labels, p.simnpo_beta, p.simnpo_delta))
+                  lambda o, p: simnpo_loss(_f(o).logits, _f(o).labels, p.simnpo_beta, p.simnpo_delta),
+                  lambda labels, p: answered_rows(labels["forget"]))
 UNDIAL = LossTerm(("forget",), True,
-                  lambda o, p: undial_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.undial_beta))
-WGA = LossTerm(("forget",), False, lambda o, p: wga_loss(_f(o).logits, _f(o).labels, p.wga_beta))
+                  lambda o, p: undial_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.undial_beta),
+                  _tokens_of("forget"))
+WGA = LossTerm(("forget",), False, lambda o, p: wga_loss(_f(o).logits, _f(o).labels, p.wga_beta), _tokens_of("forget"))
 SATIMP = LossTerm(("forget",), False,
-                  lambda o, p: satimp_loss(_f(o).logits, _f(o).labels, p.satimp_beta1, p.satimp_beta2))
-CEU = LossTerm(("forget",), False, lambda o, p: ceu_loss(_f(o).logits, _f(o).labels, p.ceu_skip_tokens))
-PDU_F = LossTerm(("forget",), False, lambda o, p: pdu_forget_loss(_f(o).logits, _f(o).labels))
+                  lambda o, p: satimp_loss(_f(o).logits, _f(o).labels, p.satimp_beta1, p.satimp_beta2),
+                  _tokens_of("forget"))
+CEU = LossTerm(("forget",), False, lambda o, p: ceu_loss(_f(o).logits, _f(o).labels, p.ceu_skip_tokens),
+               lambda labels, p: answer_tokens(labels["forget"], p.ceu_skip_tokens))
+PDU_F = LossTerm(("forget",), False, lambda o, p: pdu_forget_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
 RMU_F = LossTerm(("forget",), False, lambda o, p: rmu_loss(_f(o).hidden, p.steering, _f(o).labels),
-                 needs_hidden=True, needs_logits=False)
+                 _rows_of("forget"), needs_hidden=True, needs_logits=False)
 
-GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels))
-KL = LossTerm(("retain",), True, lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels))
+GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), _tokens_of("retain"))
+KL = LossTerm(("retain",), True, lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels),
+              _tokens_of("retain"))
 AP = LossTerm(
     ("retain", "retain_idk"),
     False,
     lambda o, p: ap_loss(o["retain"].logits, o["retain"].labels, o["retain_idk"].logits, o["retain_idk"].labels,
                          p.beta),
+    _rows_of("retain"),
 )
-PDU_R = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), dual=True)
+PDU_R = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels),
+                 _tokens_of("retain"), dual=True)
 RMU_R = LossTerm(("retain",), True, lambda o, p: rmu_loss(o["retain"].hidden, o["retain"].ref_hidden,
                                                           o["retain"].labels),
-                 needs_hidden=True, needs_logits=False)
+                 _rows_of("retain"), needs_hidden=True, needs_logits=False)
 
 # --loss_type -> (forget term, retain term or None)
 LOSSES: dict[str, tuple[LossTerm, LossTerm | None]] = {

@@ -319,6 +319,11 @@ def train(args: argparse.Namespace) -> Path:
     # full fine-tuning has no adapter to switch off: a frozen copy is the reference, made only when read
     ref_model = copy.deepcopy(model) if args.lora_r == 0 and needs_reference(args.loss_type) else None
     training_args = build_training_args(args, out_dir, bf16)
+    per_round = args.bs * training_args.world_size
+    if training_args.world_size > 1 and len(dataset) % per_round:
+        logger.warning("%d forget items are not a multiple of --bs x processes (%d): each epoch's last step is "
+                       "filled by repeating its first items (every process must step), so it differs from a "
+                       "1-process run with the same global batch", len(dataset), per_round)
     forget_term, retain_term = LOSSES[args.loss_type]
     trainer = UnlearnTrainer(
         model=model,
@@ -336,6 +341,7 @@ def train(args: argparse.Namespace) -> Path:
         steering_coeff=args.rmu_steering_coeff,
         dual_epsilon=args.pdu_epsilon,
         dual_step_size=args.pdu_dual_step_size,
+        loss_reduction=args.loss_reduction,
         callbacks=[EpochCheckpointCallback(args.save_steps), JsonlLogCallback(out_dir / LOG_FILE),
                    DatasetEpochCallback(dataset)],
     )

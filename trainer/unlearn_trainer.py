@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dataset.data_module import IGNORE_INDEX
 from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
@@ -22,6 +23,21 @@ logger = logging.getLogger(__name__)
 
 EPOCH_CHECKPOINT_RE = re.compile(r"^checkpoint-epoch-(\d+)$")
 DUAL_STATE_FILE = "dual_state.json"
+# --loss_reduction: a global mean over the optimizer step (invariant to how its items are split), or the
+# original's mean per micro-batch, averaged over micro-batches and processes
+LOSS_REDUCTIONS = ("global", "micro_batch")
+
+
+@dataclasses.dataclass
+class StepUnits:
+    """What one optimizer step's micro-batches share: each term's unit count over the whole step (all
+    micro-batches of all processes; ``None`` under ``--loss_reduction micro_batch``), the number of local
+    micro-batches, and running sums the step completes with (micro-batches done, weighted retain loss)."""
+
+    totals: dict[str, float] | None
+    micro_batches: int
+    done: int = 0
+    retain: float = 0.0
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -32,6 +48,22 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"cannot find the decoder layers of {type(base).__name__} (expected .model.layers)")
     return layers
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length grouping with its shuffle drawn from ``seed + epoch`` (accelerate calls ``set_epoch``),
+    not from the global random state, which processes consume differently (e.g. dropout masks)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class UnlearnTrainingArguments(TrainingArguments):
@@ -54,8 +86,9 @@ class UnlearnTrainer(Trainer):
     on decoder layer ``hidden_layer``, registered only for the parts whose terms ask for them.
     """
 
-    # compute_loss returns a per-batch mean; the Trainer divides it by the accumulation steps
-    loss_is_scaled_for_ga = False
+    # compute_loss weighs each micro-batch by its share of the step (see _weights): the Trainer must not
+    # divide by the accumulation steps again
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -71,15 +104,20 @@ class UnlearnTrainer(Trainer):
         dual_epsilon: float | None = None,
         dual_step_size: float = 1.0,
         skip_unlabelled_logits: bool = True,
+        loss_reduction: str = "global",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, not {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
         self.forget_term = forget_term
         self.retain_term = retain_term
         self.forget_coeff = forget_coeff
         self.retain_coeff = retain_coeff
         self.params = params if params is not None else LossParams()
-        terms = [t for t in (forget_term, retain_term) if t is not None]
+        self.terms = {key: t for key, t in (("forget", forget_term), ("retain", retain_term)) if t is not None}
+        terms = list(self.terms.values())
         self.parts = tuple(dict.fromkeys(p for t in terms for p in t.parts))
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
         self.hidden_parts = frozenset(p for t in terms if t.needs_hidden for p in t.parts)
@@ -107,15 +145,41 @@ class UnlearnTrainer(Trainer):
     # ------------------------------------------------------------------ data order
 
     def _get_train_sampler(self, train_dataset=None):
-        """``--group_by_length``: batches of similar total length (less padding), from the dataset's own
-        lengths (items are dicts of parts, which the stock sampler cannot measure)."""
+        """``--group_by_length``: optimizer steps of similar total length (less padding), from the dataset's own
+        lengths (items are dicts of parts, which the stock sampler cannot measure). Grouped by the global batch
+        and drawn from (seed, epoch) alone, the order is the same on 1 or N processes."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
-            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                        dataset=dataset, lengths=dataset.lengths())
+            step = self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            return SeededLengthGroupedSampler(step, dataset.lengths(), self.args.seed)
         return super()._get_train_sampler(train_dataset)
+
+    # ------------------------------------------------------------------ a step's share of each micro-batch
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> StepUnits:
+        """Called by the Trainer with all micro-batches of an optimizer step before any forward pass: count each
+        term's units (answer tokens or rows, from the labels alone) over the step, summed over processes."""
+        if self.loss_reduction != "global" or not batch_samples:
+            return StepUnits(None, len(batch_samples))
+        local = torch.tensor([[float(term.units({p: batch[p]["labels"] for p in term.parts}, self.params))
+                               for term in self.terms.values()] for batch in batch_samples],
+                             dtype=torch.float64).sum(dim=0)
+        if self.accelerator.num_processes > 1:
+            local = self.accelerator.reduce(local.to(device), reduction="sum").cpu()
+        return StepUnits(dict(zip(self.terms, local.tolist(), strict=True)), len(batch_samples))
+
+    def _weights(self, inputs, step: StepUnits, processes: int) -> dict[str, float]:
+        """Each term's weight for this micro-batch so that, summed over the step's micro-batches and processes,
+        the step's loss is the term's global mean: ``n / N`` (this micro-batch's units over the step's), or
+        under ``micro_batch`` ``1 / (micro-batches x processes)``: the mean of the micro-batch means."""
+        weights = {}
+        for key, term in self.terms.items():
+            if step.totals is None:
+                weights[key] = 1.0 / (step.micro_batches * processes)
+            else:
+                units = float(term.units({p: inputs[p]["labels"] for p in term.parts}, self.params))
+                weights[key] = units / step.totals[key] if step.totals[key] > 0 else 0.0
+        return weights
 
     # ------------------------------------------------------------------ loss
 
@@ -181,6 +245,14 @@ class UnlearnTrainer(Trainer):
             self.params = dataclasses.replace(self.params, steering=vector)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``forget_coeff * F + retain_coeff * R`` of this micro-batch, each term weighted by its share of the
+        optimizer step (:meth:`_weights`) and scaled by the process count (DDP averages the gradients): summed
+        over the step it is the same objective on 1 process, N processes or N accumulation micro-batches.
+        Called outside the training loop (no step), it is the plain objective of ``inputs``."""
+        step = num_items_in_batch if isinstance(num_items_in_batch, StepUnits) else None
+        processes = self.accelerator.num_processes if step is not None else 1
+        if step is None:
+            step = StepUnits(None, 1)
         outputs = {}
         for name in self.parts:
             part = inputs[name]
@@ -200,25 +272,32 @@ class UnlearnTrainer(Trainer):
             outputs[name] = PartOutput(logits, labels, ref_logits, hidden, ref_hidden)
         if "forget" in self.hidden_parts:
             self._ensure_steering(outputs["forget"].hidden)
+        weights = self._weights(inputs, step, processes)
         forget = self.forget_term.compute(outputs, self.params)
-        loss = self.forget_coeff * forget
-        components = {"forget_loss": forget.detach()}
+        loss = self.forget_coeff * (weights["forget"] * processes) * forget
+        components = {"forget_loss": (forget.detach(), weights["forget"])}
         if self.retain_term is not None:
             retain = self.retain_term.compute(outputs, self.params)
-            weight = self.dual_weight if self.dual_weight is not None else self.retain_coeff
-            loss = loss + weight * retain
-            components["retain_loss"] = retain.detach()
-            if self.dual_weight is not None and model.training:
-                components["retain_weight"] = torch.tensor(weight)
-                self._dual_update(retain.detach())
-        self._record(components)
+            coeff = self.dual_weight if self.dual_weight is not None else self.retain_coeff
+            loss = loss + coeff * (weights["retain"] * processes) * retain
+            components["retain_loss"] = (retain.detach(), weights["retain"])
+            if self.dual_weight is not None:
+                components["retain_weight"] = (torch.tensor(coeff), weights["retain"])
+                step.retain += weights["retain"] * float(retain.detach())
+        if model.training:
+            self._record(components)
+            step.done += 1
+            if step.done == step.micro_batches:  # the step's last micro-batch: its global values are complete
+                self._component_steps += 1
+                if self.dual_weight is not None:
+                    self._dual_update(step.retain)
         return (loss, outputs) if return_outputs else loss
 
-    def _dual_update(self, retain: torch.Tensor) -> None:
-        """PDU: one dual-ascent step on the retain weight from the retain loss averaged over processes
-        (so every process holds the same weight). Without ``--pdu_epsilon`` the bound is the first step's
-        retain loss: the constraint is "keep the retain loss where it started"."""
-        value = float(self.accelerator.reduce(retain.float().reshape(1), reduction="mean"))
+    def _dual_update(self, retain: float) -> None:
+        """PDU: one dual-ascent step on the retain weight from the step's retain loss (this process's weighted
+        share, summed over processes: the global mean, the same on every process). Without ``--pdu_epsilon``
+        the bound is the first step's retain loss: the constraint is "keep the retain loss where it started"."""
+        value = float(self.accelerator.reduce(torch.tensor([retain], device=self.args.device), reduction="sum"))
         if self.dual_epsilon is None:
             self.dual_epsilon = value
             logger.info("PDU: retain-loss bound epsilon = %.4f (the first step's retain loss)", value)
@@ -234,19 +313,20 @@ class UnlearnTrainer(Trainer):
             state = json.loads(path.read_text(encoding="utf-8"))
             self.dual_weight, self.dual_epsilon = state["weight"], state["epsilon"]
 
-    def _record(self, components: dict[str, torch.Tensor]) -> None:
-        if not self.model.training:
-            return
-        for key, value in components.items():
-            self._component_sums[key] = self._component_sums.get(key, 0.0) + float(value)
-        self._component_steps += 1
+    def _record(self, components: dict[str, tuple[torch.Tensor, float]]) -> None:
+        """Add each component's weighted value (its share of the step's global mean) to the running sums."""
+        for key, (value, weight) in components.items():
+            self._component_sums[key] = self._component_sums.get(key, 0.0) + weight * float(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean forget and retain losses since the last log (averaged over processes)."""
+        """Add the forget and retain losses (global means per step, averaged over the steps since the last log)."""
         if "loss" in logs and self._component_steps:
-            for key, total in self._component_sums.items():
-                value = torch.tensor(total / self._component_steps, device=self.args.device)
-                logs[key] = float(self.accelerator.reduce(value, reduction="mean"))
+            keys = sorted(self._component_sums)
+            totals = torch.tensor([self._component_sums[k] for k in keys], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+            for key, total in zip(keys, totals.tolist(), strict=True):
+                logs[key] = total / self._component_steps
             self._component_sums, self._component_steps = {}, 0
         super().log(logs, start_time)
 

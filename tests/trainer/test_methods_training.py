@@ -12,16 +12,11 @@ import torch
 
 import forget_me_gd
 from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem
+from tests.conftest import base_args
 from trainer import recipe
 from trainer.losses import LOSSES
 
 REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]
-
-
-def base_args(target: dict, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--model_path", str(target["model"]), "--model_family", "tiny",
-            "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
-            "--idk_data_path", str(target["idk"]), "--save_root", str(tmp_path / "adapter"), *extra]
 
 
 def answer_nll(model_dir: Path, run_final: Path | None, pairs) -> float:

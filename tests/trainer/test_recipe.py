@@ -16,17 +16,12 @@ from rouge_score import rouge_scorer
 import forget_idk_ap
 import forget_me_gd
 from dataset.data_module import ForgetRetainCollator, encode_qa
+from tests.conftest import base_args, launch_two_processes
 from trainer.losses import nll_loss
 from utils.utils import load_chat_template
 
 REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]  # conftest's
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def base_args(target: dict, tmp_path: Path, *extra: str) -> list[str]:
-    return ["--model_path", str(target["model"]), "--model_family", "tiny",
-            "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
-            "--idk_data_path", str(target["idk"]), "--save_root", str(tmp_path / "adapter"), *extra]
 
 
 def load_adapter(base: Path, adapter: Path):
@@ -128,15 +123,8 @@ def test_seed_command_line_runs_with_python(target, tmp_path):
 def test_accelerate_launch_two_processes(target, tmp_path):
     """Two real gloo processes (world size 2): the loader is sharded, so 16 items / (2 x bs 2) = 4 optimizer
     steps an epoch, and one adapter is written."""
-    import socket
-
-    with socket.socket() as sock:  # a free port: the default 29500 may be held by another run
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "config/accelerate_cpu.yaml",
-           "--main_process_port", str(port), "forget_me_gd.py",
-           *base_args(target, tmp_path, "--num_epochs", "2", "--bs", "2", "--lr", "1e-3")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = launch_two_processes("forget_me_gd.py",
+                                base_args(target, tmp_path, "--num_epochs", "2", "--bs", "2", "--lr", "1e-3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "adapter").iterdir())
     assert len(runs) == 1
