@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         return stats
 
     from evals.generation import load_for_eval
+    from evals.shard import current_shard
     from utils.utils import load_chat_template
 
     if not args.model_path:
@@ -66,11 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     paths = set_paths(args)
     if args.retain_result:
         load_log(args.retain_result, "--retain_result")
+    shard = current_shard()  # under accelerate launch / torchrun: every process takes its share of the batches
     model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
     stats = run_evaluation(model, tokenizer, template, paths, Path(args.save_dir), args.retain_result,
-                           args.ds_size, args.tofu_batch_size)
-    print(format_table(stats))
-    print(f"logs written to {args.save_dir}/eval_log_aggregated.json and aggregate_stat.json")
+                           args.ds_size, args.tofu_batch_size, shard)
+    if shard.is_main:
+        print(format_table(stats))
+        print(f"logs written to {args.save_dir}/eval_log_aggregated.json and aggregate_stat.json")
     return stats
 
 

@@ -77,6 +77,7 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]
 
 def main(argv: list[str] | None = None) -> dict:
     from evals.generation import GenerationConfig, choose_backend, generate, generate_with_model, load_for_eval
+    from evals.shard import current_shard
     from evals.unlearning import adapter_off_reference, evaluate_sets, format_summary, reference_nlls, summarise
     from utils.utils import load_chat_template, write_json
 
@@ -87,29 +88,35 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{out / 'summary.json'} already exists; pass --overwrite to replace it")
     template = load_chat_template(args.model_family)
     sets, refusals, retain_only = read_inputs(args)
+    backend = "transformers" if args.adapter else choose_backend(args.backend)
+    shard = current_shard()  # under accelerate launch / torchrun: every process takes its share of the batches
+    if backend == "vllm" and shard.world > 1:
+        raise UserError("--backend vllm runs as one process (its own tensor parallelism): launch with python, "
+                        "not accelerate launch, or pass --backend transformers")
     model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
                               trust_remote_code=args.trust_remote_code)
-    backend = "transformers" if args.adapter else choose_backend(args.backend)
 
     def answers(prompts: list[str]) -> list[str]:
         if backend == "vllm":
             return generate(args.model_path, prompts, config, backend="vllm")
-        return generate_with_model(model, tokenizer, prompts, config)
+        return generate_with_model(model, tokenizer, prompts, config, shard=shard)
 
     reference = None
     if args.adapter:
-        reference = adapter_off_reference(model, tokenizer, template, args.batch_size)
+        reference = adapter_off_reference(model, tokenizer, template, args.batch_size, shard)
     elif args.reference_model:
         ref_model, _ = load_for_eval(args.reference_model, None, args.dtype, args.trust_remote_code)
 
         def reference(pairs):
-            return reference_nlls(ref_model, tokenizer, template, pairs, args.batch_size)
+            return reference_nlls(ref_model, tokenizer, template, pairs, args.batch_size, shard=shard)
 
     log = evaluate_sets(model, tokenizer, template, sets, refusals, answers, reference, args.gradnorm,
-                        args.batch_size, args.min_k)
+                        args.batch_size, args.min_k, shard)
     summary = summarise(log, retain_only)
     summary["model"] = {"model_path": args.model_path, "adapter": args.adapter, "min_k": args.min_k}
+    if not shard.is_main:  # every process holds the whole log; one writes it
+        return summary
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval_log.json", log)
     write_json(out / "summary.json", summary)

@@ -82,11 +82,19 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def eval_device() -> str:
+    """This process's GPU (``LOCAL_RANK`` under ``accelerate launch``/``torchrun``), or the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+
+
 def load_for_eval(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype: str = "auto",
                   trust_remote_code: bool = False):
     """A model (``+ adapter`` as a ``PeftModel``) in eval mode on the GPU when there is one, and its tokenizer
     (the adapter folder's when it has one; pad = EOS when it has none)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from utils.utils import check_adapter_folder, check_model_folder
@@ -104,29 +112,32 @@ def load_for_eval(model_path: str | os.PathLike, adapter: str | os.PathLike | No
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+    return model.to(eval_device()).eval(), tokenizer
 
 
 def _generate_transformers(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code, use_safetensors=True
-    ).to(device).eval()
+    ).to(eval_device()).eval()
     return generate_with_model(model, tokenizer, prompts, config)
 
 
 def generate_with_model(model, tokenizer, prompts: Sequence[str], config: GenerationConfig,
-                        max_length: int | None = None) -> list[str]:
+                        max_length: int | None = None, shard=None) -> list[str]:
     """Batched generation with a loaded model (left padding, prompts of similar length batched together).
 
-    ``max_length`` (prompt + answer, as TOFU's evaluation sets it) replaces ``config.max_new_tokens``.
+    ``max_length`` (prompt + answer, as TOFU's evaluation sets it) replaces ``config.max_new_tokens``. With a
+    ``shard`` (:class:`evals.shard.Shard`) each process generates its batches and every process gets all answers.
     """
     import torch
     from tqdm.auto import tqdm
+
+    from evals.shard import SINGLE
+
+    shard = shard or SINGLE
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = {tokenizer.eos_token_id}
@@ -135,12 +146,13 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
     eos.discard(None)
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-    answers: list[str] = [""] * len(prompts)
+    answers: dict[int, str] = {}
     sampling = config.temperature > 0
     if sampling:
         torch.manual_seed(config.seed)
     length = {"max_length": max_length} if max_length else {"max_new_tokens": config.max_new_tokens}
-    for start in tqdm(range(0, len(order), config.batch_size), desc="generate", unit="batch"):
+    starts = [s for b, s in enumerate(range(0, len(order), config.batch_size)) if shard.owns(b)]
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not shard.is_main):
         idx = order[start : start + config.batch_size]
         width = max(len(encoded[i]) for i in idx)
         input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
@@ -153,7 +165,7 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
             )
         for row, i in enumerate(idx):
             answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-    return answers
+    return shard.gather(answers, len(prompts))
 
 
 def _generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:

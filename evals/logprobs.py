@@ -44,10 +44,10 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(dim=-1)
 
 
-def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: int):
+def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: int, shard=None):
     """(question, answer) pairs as training formats them (question masked), collated in batches on the
-    model's device; yields ``(item indices, batch)``. A question that leaves no room for its answer is a
-    :class:`~utils.utils.UserError`."""
+    model's device; yields ``(item indices, batch)``, only the batches ``shard`` (an :class:`evals.shard.Shard`)
+    owns when given. A question that leaves no room for its answer is a :class:`~utils.utils.UserError`."""
     from dataset.data_module import ForgetRetainCollator, encode_qa
     from utils.utils import UserError
 
@@ -59,6 +59,8 @@ def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: i
         samples.append({"x": sample})
     collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                    else tokenizer.eos_token_id)
-    for start in range(0, len(samples), batch_size):
+    for number, start in enumerate(range(0, len(samples), batch_size)):
+        if shard is not None and not shard.owns(number):
+            continue
         batch = collate(samples[start : start + batch_size])["x"]
         yield range(start, start + len(batch["input_ids"])), {k: v.to(model.device) for k, v in batch.items()}

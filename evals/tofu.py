@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.data_module import iter_jsonl
+from evals.shard import SINGLE, Shard
 from utils.utils import ChatTemplate, UserError
 
 logger = logging.getLogger(__name__)
@@ -77,22 +78,22 @@ def load_tofu_set(path: str | Path, base_key: str, ds_size: int | None = None) -
 
 
 def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[str], answers: Sequence[str],
-                  batch_size: int = 16, max_length: int = MAX_LENGTH) -> tuple[list[float], list[int]]:
+                  batch_size: int = 16, max_length: int = MAX_LENGTH, shard: Shard = SINGLE
+                  ) -> tuple[list[float], list[int]]:
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss)."""
     import torch
 
     from evals.logprobs import qa_batches, token_nll
 
-    sums: list[float] = []
-    counts: list[int] = []
-    for _, batch in qa_batches(model, tokenizer, template, list(zip(questions, answers, strict=True)), batch_size,
-                               max_length):
+    pairs = list(zip(questions, answers, strict=True))
+    local: dict[int, tuple[float, int]] = {}
+    for indices, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length, shard):
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll, counted = token_nll(logits.float(), batch["labels"])
-        sums += nll.sum(-1).tolist()
-        counts += counted.sum(-1).tolist()
-    return sums, counts
+        local.update(zip(indices, zip(nll.sum(-1).tolist(), counted.sum(-1).tolist(), strict=True), strict=True))
+    results = shard.gather(local, len(pairs))
+    return [s for s, _ in results], [n for _, n in results]
 
 
 def rouge_recalls(golds: Sequence[str], generations: Sequence[str]) -> tuple[list[float], list[float]]:
@@ -105,18 +106,20 @@ def rouge_recalls(golds: Sequence[str], generations: Sequence[str]) -> tuple[lis
 
 
 def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], base_key: str, normalise: bool,
-                 batch_size: int = 16, generate: bool = True) -> dict[str, dict]:
-    """One set's per-item log, in TOFU's layout (``{metric: {index: value}}``)."""
+                 batch_size: int = 16, generate: bool = True, shard: Shard = SINGLE) -> dict[str, dict]:
+    """One set's per-item log, in TOFU's layout (``{metric: {index: value}}``); each process of ``shard``
+    computes its batches and every process gets the whole log."""
     from evals.generation import GenerationConfig, generate_with_model
 
     questions = [it["question"] for it in items]
     keys = [str(i) for i in range(len(items))]
-    gt_sum, gt_n = answer_losses(model, tokenizer, template, questions, [it["answer"] for it in items], batch_size)
+    gt_sum, gt_n = answer_losses(model, tokenizer, template, questions, [it["answer"] for it in items], batch_size,
+                                 shard=shard)
     base_sum, base_n = answer_losses(model, tokenizer, template, questions, [it[base_key] for it in items],
-                                     batch_size)
+                                     batch_size, shard=shard)
     flat_q = [it["question"] for it in items for _ in it["perturbed_answer"]]
     flat_a = [p for it in items for p in it["perturbed_answer"]]
-    pert_sum_flat, pert_n_flat = answer_losses(model, tokenizer, template, flat_q, flat_a, batch_size)
+    pert_sum_flat, pert_n_flat = answer_losses(model, tokenizer, template, flat_q, flat_a, batch_size, shard=shard)
     pert_sum, pert_n, at = [], [], 0
     for it in items:
         k = len(it["perturbed_answer"])
@@ -136,7 +139,7 @@ def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], ba
     if generate:
         prompts = [template.prompt(q) for q in questions]
         config = GenerationConfig(batch_size=batch_size)
-        generations = generate_with_model(model, tokenizer, prompts, config, max_length=MAX_LENGTH)
+        generations = generate_with_model(model, tokenizer, prompts, config, max_length=MAX_LENGTH, shard=shard)
         golds = [it["answer"] for it in items]
         rouge1, rouge_l = rouge_recalls(golds, generations)
         log["generated_text"] = by_item([list(row) for row in zip(prompts, generations, golds, strict=True)])
@@ -160,17 +163,18 @@ def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], ba
 
 
 def evaluate_all(model, tokenizer, template: ChatTemplate, paths: dict[str, str | Path], ds_size: int | None = 300,
-                 batch_size: int = 16) -> dict[str, dict]:
-    """The aggregated log (``eval_log_aggregated.json`` layout) for the four sets ``paths`` names by log key."""
+                 batch_size: int = 16, shard: Shard = SINGLE) -> dict[str, dict]:
+    """The aggregated log (``eval_log_aggregated.json`` layout) for the four sets ``paths`` names by log key
+    (split across the processes of ``shard``; every process gets the whole log)."""
     from tqdm.auto import tqdm
 
     result = {}
-    for key in tqdm(EVAL_TASKS, desc="TOFU sets", unit="set"):
+    for key in tqdm(EVAL_TASKS, desc="TOFU sets", unit="set", disable=not shard.is_main):
         name, base_key = EVAL_TASKS[key]
         items = load_tofu_set(paths[key], base_key, ds_size)
         logger.info("TOFU %s: %d items from %s", name, len(items), paths[key])
         result[key] = evaluate_set(model, tokenizer, template, items, base_key, normalise="eval_log" not in key,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, shard=shard)
     return result
 
 

@@ -8,6 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
+from evals.shard import SINGLE, Shard
 from evals.tofu import EVAL_TASKS, aggregate, evaluate_all
 from utils.utils import UserError, write_json
 
@@ -55,13 +56,16 @@ def load_log(path: str | Path, flag: str) -> dict:
 
 
 def run_evaluation(model, tokenizer, template, paths: dict[str, str], save_dir: Path, retain_result: str | None,
-                   ds_size: int | None, batch_size: int) -> dict:
-    """Evaluate a loaded model, write both files into ``save_dir``, return the aggregate."""
+                   ds_size: int | None, batch_size: int, shard: Shard = SINGLE) -> dict:
+    """Evaluate a loaded model (split across the processes of ``shard``), write both files into ``save_dir``
+    (the main process alone), return the aggregate (on every process)."""
     retain = load_log(retain_result, "--retain_result") if retain_result else None
-    log = evaluate_all(model, tokenizer, template, paths, ds_size=ds_size, batch_size=batch_size)
-    write_json(save_dir / "eval_log_aggregated.json", log, indent=None)
+    log = evaluate_all(model, tokenizer, template, paths, ds_size=ds_size, batch_size=batch_size, shard=shard)
     stats = aggregate(log, retain)
-    write_json(save_dir / "aggregate_stat.json", stats)
+    if shard.is_main:
+        write_json(save_dir / "eval_log_aggregated.json", log, indent=None)
+        write_json(save_dir / "aggregate_stat.json", stats)
+    shard.barrier()  # the files exist for every process once it returns
     return stats
 
 

@@ -31,6 +31,7 @@ from evals.mia import (
     reference_score,
     zlib_score,
 )
+from evals.shard import SINGLE, Shard
 from utils.utils import ChatTemplate, UserError
 
 logger = logging.getLogger(__name__)
@@ -51,47 +52,48 @@ class TokenStats:
 
 
 def token_stats(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
-                max_length: int = 512) -> list[TokenStats]:
+                max_length: int = 512, shard: Shard = SINGLE) -> list[TokenStats]:
     """Per item: log p of each answer token, the moments of log p at its position, the argmax and labels."""
     import torch
 
     from evals.logprobs import qa_batches, shift_labels
 
-    out: list[TokenStats] = []
-    for _, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length):
+    out: dict[int, TokenStats] = {}
+    for indices, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length, shard):
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         target = shift_labels(batch["labels"])
         logp = torch.log_softmax(logits, dim=-1)
         mu, sigma = distribution_moments(logits)
-        for row in range(target.size(0)):
+        for row, item in enumerate(indices):
             keep = target[row] != -100
             labels = target[row][keep]
-            out.append(TokenStats(
+            out[item] = TokenStats(
                 logprobs=logp[row][keep].gather(-1, labels.unsqueeze(-1)).squeeze(-1).tolist(),
                 mu=mu[row][keep].tolist(), sigma=sigma[row][keep].tolist(),
-                argmax=logits[row][keep].argmax(-1).tolist(), labels=labels.tolist()))
-    return out
+                argmax=logits[row][keep].argmax(-1).tolist(), labels=labels.tolist())
+    return shard.gather(out, len(pairs))
 
 
 def reference_nlls(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
-                   max_length: int = 512) -> list[float]:
+                   max_length: int = 512, shard: Shard = SINGLE) -> list[float]:
     """Mean answer NLL of each pair under ``model`` (for the Reference score)."""
-    return [loss_score(st.logprobs) for st in token_stats(model, tokenizer, template, pairs, batch_size, max_length)]
+    return [loss_score(st.logprobs)
+            for st in token_stats(model, tokenizer, template, pairs, batch_size, max_length, shard)]
 
 
-def adapter_off_reference(model, tokenizer, template: ChatTemplate, batch_size: int = 8
+def adapter_off_reference(model, tokenizer, template: ChatTemplate, batch_size: int = 8, shard: Shard = SINGLE
                           ) -> Callable[[Sequence[tuple[str, str]]], list[float]]:
     """The Reference score's reference for a ``PeftModel``: the same weights with the adapter switched off."""
     def reference(pairs: Sequence[tuple[str, str]]) -> list[float]:
         with model.disable_adapter():
-            return reference_nlls(model, tokenizer, template, pairs, batch_size)
+            return reference_nlls(model, tokenizer, template, pairs, batch_size, shard=shard)
 
     return reference
 
 
 def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
-               max_length: int = 512) -> list[float]:
+               max_length: int = 512, shard: Shard = SINGLE) -> list[float]:
     """GradNorm: per item, the L2 norm (over every floating weight of the model, adapter included) of the
     gradient of its mean answer NLL. Weights' ``requires_grad`` flags and the train/eval mode are restored."""
     import torch
@@ -102,20 +104,20 @@ def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[s
     flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()  # no dropout: the score is a function of the item
-    norms: list[float] = []
+    norms: dict[int, float] = {}
     try:
         for p in params:
             p.requires_grad_(True)
-        for _, batch in qa_batches(model, tokenizer, template, pairs, 1, max_length):
+        for (item,), batch in qa_batches(model, tokenizer, template, pairs, 1, max_length, shard):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll, mask = token_nll(logits, batch["labels"])
             grads = torch.autograd.grad(nll.sum() / mask.sum(), [p for p in params], allow_unused=True)
-            norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None)))
+            norms[item] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
-    return norms
+    return shard.gather(norms, len(pairs))
 
 
 def item_scores(stats: TokenStats, answer: str, reference_nll: float | None, gradnorm: float | None,
@@ -137,11 +139,13 @@ def item_scores(stats: TokenStats, answer: str, reference_nll: float | None, gra
 def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequence[tuple[str, str]]],
                   refusals: Sequence[str], generate: Callable[[list[str]], list[str]],
                   reference: Callable[[Sequence[tuple[str, str]]], list[float]] | None = None,
-                  gradnorm: bool = True, batch_size: int = 8, k: float = MIN_K) -> dict[str, list[dict]]:
+                  gradnorm: bool = True, batch_size: int = 8, k: float = MIN_K, shard: Shard = SINGLE
+                  ) -> dict[str, list[dict]]:
     """Per-item logs of each named set (``forget``, ``retain``, ``holdout``, ``general``; any subset).
 
-    ``generate`` maps prompts to greedy answers (the caller picks the backend); ``reference`` maps pairs to
-    a reference model's mean answer NLLs (the Reference score; None leaves it out).
+    ``generate`` maps prompts to greedy answers (the caller picks the backend, and its split across processes);
+    ``reference`` maps pairs to a reference model's mean answer NLLs (the Reference score; None leaves it
+    out). The forward and backward passes are split across the processes of ``shard``.
     """
     from tqdm.auto import tqdm
 
@@ -149,14 +153,14 @@ def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequ
     from evals.tofu import rouge_recalls
 
     log: dict[str, list[dict]] = {}
-    for name, pairs in tqdm(list(sets.items()), desc="evaluate sets", unit="set"):
+    for name, pairs in tqdm(list(sets.items()), desc="evaluate sets", unit="set", disable=not shard.is_main):
         pairs = list(pairs)
         if not pairs:
             raise UserError(f"the {name} set is empty")
         answers = generate([template.prompt(q) for q, _ in pairs])
-        stats = token_stats(model, tokenizer, template, pairs, batch_size)
+        stats = token_stats(model, tokenizer, template, pairs, batch_size, shard=shard)
         refs = reference(pairs) if reference is not None else [None] * len(pairs)
-        norms = grad_norms(model, tokenizer, template, pairs) if gradnorm else [None] * len(pairs)
+        norms = grad_norms(model, tokenizer, template, pairs, shard=shard) if gradnorm else [None] * len(pairs)
         _, recall_l = rouge_recalls([a for _, a in pairs], answers)
         log[name] = [
             {"question": q, "answer": a, "generated": gen, "rougeL_f": atec_rouge_l(a, gen), "rougeL_recall": rec,

@@ -119,6 +119,11 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     if args.eval_tofu:
         from evals.tofu_cli import load_log, set_paths
 
+        if deepspeed_zero_stage() == 3:
+            raise UserError("--eval_tofu under DeepSpeed ZeRO-3: each process holds only a slice of the weights, so "
+                            "none can generate alone; train with ZeRO-2 (accelerate_config.yaml), or merge the "
+                            "adapter and run evaluate_tofu.py (it splits the sets across processes)")
+
         set_paths(args)
         if args.tofu_retain_result:
             load_log(args.tofu_retain_result, "--tofu_retain_result")
@@ -143,6 +148,25 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         raise UserError(f"{final} already exists; pass --overwrite to replace it "
                         "or choose another --output_dir")
     return out_dir, template, data
+
+
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage ``accelerate launch`` passes to this process (from its config or a DeepSpeed JSON), or
+    ``None`` when not launched with DeepSpeed."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and Path(config_file).is_file():
+        try:
+            stage = json.loads(Path(config_file).read_text(encoding="utf-8")).get("zero_optimization", {}).get(
+                "stage", stage)
+        except (ValueError, AttributeError):
+            pass  # DeepSpeed itself reports a malformed file
+    try:
+        return int(stage) if stage is not None else None
+    except ValueError:
+        return None
 
 
 def _num_layers(args: argparse.Namespace, template) -> int | None:
@@ -380,15 +404,17 @@ def train(args: argparse.Namespace) -> Path:
 
 
 def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out_dir: Path) -> None:
-    """``--eval_tofu``: TOFU logs and summary of the trained model in ``<run>/tofu_eval`` (main process)."""
+    """``--eval_tofu``: TOFU logs and summary of the trained model in ``<run>/tofu_eval``, every process
+    evaluating its share of the batches (:mod:`evals.shard`), the main process writing."""
+    from evals.shard import Shard
     from evals.tofu_cli import format_table, run_evaluation, set_paths
 
-    if trainer.is_world_process_zero():
-        model = trainer.accelerator.unwrap_model(trainer.model).eval()
-        stats = run_evaluation(model, tokenizer, template, set_paths(args), out_dir / "tofu_eval",
-                               args.tofu_retain_result, args.ds_size, args.tofu_batch_size)
+    shard = Shard(trainer.accelerator.process_index, trainer.accelerator.num_processes)
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    stats = run_evaluation(model, tokenizer, template, set_paths(args), out_dir / "tofu_eval",
+                           args.tofu_retain_result, args.ds_size, args.tofu_batch_size, shard)
+    if shard.is_main:
         logger.info("TOFU evaluation (%s):\n%s", out_dir / "tofu_eval", format_table(stats))
-    trainer.accelerator.wait_for_everyone()
 
 
 def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
