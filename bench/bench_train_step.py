@@ -56,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (after one warm-up)")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     parser.add_argument("--data", default="auto", help="'tofu', 'demo', or 'auto' (TOFU when present)")
-    parser.add_argument("--paths", default="original,ours", help="which paths to run, comma-separated")
+    parser.add_argument("--paths", default="original,ours", help="which paths to run, comma-separated: original, "
+                                                                 "ours (fused head), unfused (ours, logits built)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also time GEMMs of the model's own shapes and report the step's FLOP/s as a share")
+    parser.add_argument("--profile", action="store_true", help="profile one step of each path (top operators)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 (GPU)")
     parser.add_argument("--group_by_length", action="store_true", help="ours: batch items of similar length")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -164,6 +168,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "--lora_r", str(args.lora_r), "--lr", "1e-4", "--warmup_ratio", "0", "--lr_scheduler_type", "constant",
         "--output_dir", str(workdir / f"run_{args.worker}"), "--overwrite", "--bf16", str(args.bf16).lower(),
         "--lora_dropout", "0", *(["--pad_to_max_length"] if original else []),
+        "--fused_head_loss", "true" if args.worker == "ours" else "false",
         *(["--group_by_length"] if args.group_by_length and not original else []),
     ])
     template = unlearn.load_chat_template(uargs.model_family)
@@ -179,10 +184,13 @@ def run_worker(args: argparse.Namespace) -> dict:
         forget_term = LossTerm(("forget",), False, lambda o, b: naive_me_loss(o["forget"].logits, o["forget"].labels))
 
     real_tokens: list[int] = []
+    shapes: list[dict[str, tuple[int, int, int]]] = []  # per step and part: (rows, padded length, kept positions)
 
     def collate(items):
         real_tokens.append(sum(s["n_text"] + 1 for item in items for s in item.values()))
-        return unlearn.ForgetRetainCollator(tokenizer.pad_token_id)(items)
+        batch = unlearn.ForgetRetainCollator(tokenizer.pad_token_id)(items)
+        shapes.append({name: part_shape(part["labels"], keep_all=original) for name, part in batch.items()})
+        return batch
 
     step_times: list[float] = []
     losses: list[dict] = []
@@ -205,10 +213,23 @@ def run_worker(args: argparse.Namespace) -> dict:
     trainer = UnlearnTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
                              processing_class=tokenizer, forget_term=forget_term, retain_term=retain_term,
                              forget_coeff=1.0, retain_coeff=1.0, callbacks=[Timer()],
-                             skip_unlabelled_logits=not original)
+                             skip_unlabelled_logits=not original, fused_head=uargs.fused_head_loss)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    if args.profile:  # the step after the warm-up, by operator
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        class Step(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                prof.step()
+
+        trainer.add_callback(Step())
+        trainer.args.max_steps = 2
+        with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=1)) as prof:
+            trainer.train()
+        print(f"== {args.worker}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        return {"path": args.worker, "profile": True}
     trainer.train()
     timed = step_times[1:]
     tokens = sum(real_tokens[1 : 1 + len(timed)])
@@ -218,10 +239,91 @@ def run_worker(args: argparse.Namespace) -> dict:
     # through the frozen base) x tokens/s / peak bf16 FLOP/s
     n_params = sum(p.numel() for p in model.parameters())
     mfu = (4 * n_params * tokens / sum(timed) / (args.peak_tflops * 1e12)) if torch.cuda.is_available() else None
-    return {"path": args.worker, "s_per_step": sum(timed) / len(timed), "tokens_per_s": tokens / sum(timed),
-            "params": n_params, "mfu": mfu,
+    result = {"path": args.worker, "s_per_step": sum(timed) / len(timed), "tokens_per_s": tokens / sum(timed),
+              "params": n_params, "mfu": mfu,
             "peak_mb": peak, "rss_before_train_mb": rss_before, "losses": losses[:3],
-            "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+    if args.roofline:
+        spec = model_spec(model.config, uargs.lora_r)
+        terms = [t for t in (forget_term, retain_term) if t is not None]
+        ref_parts = {p for t in terms if t.needs_ref for p in t.parts}
+        flops = [step_flops(spec, step, ref_parts) for step in shapes[1 : 1 + len(timed)]]
+        result["step_gflop"] = sum(flops) / len(flops) / 1e9
+        result["achieved_gflops"] = sum(flops) / sum(timed) / 1e9
+        result["gemm_gflops"] = gemm_throughput(spec, shapes[1 : 1 + len(timed)], model.dtype) / 1e9
+    return result
+
+
+# --------------------------------------------------------------------------- the roofline
+
+
+def part_shape(labels, keep_all: bool) -> tuple[int, int, int]:
+    """(rows, padded length, positions the output head runs on) of one batch part, as the trainer runs it
+    (the head at positions whose next label some row reads, plus one; every position on the original path)."""
+    rows, length = labels.shape
+    if keep_all:
+        return rows, length, length
+    needed = int((labels[:, 1:] != -100).any(dim=0).sum())
+    return rows, length, min(length, needed + 1)
+
+
+def model_spec(config, lora_r: int) -> dict:
+    """The shapes the FLOP count needs: every linear layer of a decoder block as (in, out), attention sizes,
+    vocabulary, layers, LoRA rank."""
+    cfg = config.get_text_config()
+    hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv = getattr(cfg, "num_key_value_heads", heads)
+    linears = [(hidden, heads * head_dim), (hidden, kv * head_dim), (hidden, kv * head_dim), (heads * head_dim, hidden),
+               (hidden, cfg.intermediate_size), (hidden, cfg.intermediate_size), (cfg.intermediate_size, hidden)]
+    return {"linears": linears, "layers": cfg.num_hidden_layers, "heads": heads, "head_dim": head_dim,
+            "hidden": hidden, "vocab": cfg.vocab_size, "lora_r": lora_r}
+
+
+def step_flops(spec: dict, step: dict[str, tuple[int, int, int]], ref_parts: set[str]) -> float:
+    """Matmul FLOPs of one optimizer step (2 per multiply-add), as README "Roofline" states them.
+
+    Per part of ``rows x length`` tokens (padding included: it is computed) with the head on ``kept``
+    positions: forward = linear layers + LoRA (rank r on each linear: r x (in + out)) + attention (QK^T and
+    AV over the full length x length square) + head (kept x hidden x vocab). Backward = the base linears'
+    input gradient (= their forward), LoRA's input and weight gradients (2 x its forward), attention's
+    (2 x its forward: dQ, dK, dV, dP), the head's input gradient (= its forward); no weight gradient for
+    the frozen base. A part with a reference (NPO, DPO, KL) adds one more forward.
+    """
+    total = 0.0
+    for name, (rows, length, kept) in step.items():
+        tokens = rows * length
+        linear = 2 * tokens * sum(i * o for i, o in spec["linears"]) * spec["layers"]
+        lora = 2 * tokens * spec["lora_r"] * sum(i + o for i, o in spec["linears"]) * spec["layers"]
+        attention = 2 * 2 * rows * spec["heads"] * length * length * spec["head_dim"] * spec["layers"]
+        head = 2 * rows * kept * spec["hidden"] * spec["vocab"]
+        forward = linear + lora + attention + head
+        total += forward + linear + 2 * lora + 2 * attention + head
+        if name in ref_parts:
+            total += linear + attention + head
+    return total
+
+
+def gemm_throughput(spec: dict, steps: list[dict], dtype) -> float:
+    """FLOP/s of plain matrix products with the model's own shapes (each linear layer and the head, at the
+    steps' mean token count), in the training dtype and thread count: this machine's matmul limit for
+    this model."""
+    import torch
+
+    tokens = max(1, round(sum(r * n for step in steps for r, n, _ in step.values()) / max(1, sum(map(len, steps)))))
+    kept = max(1, round(sum(r * k for step in steps for r, _, k in step.values()) / max(1, sum(map(len, steps)))))
+    shapes = [(tokens, i, o) for i, o in spec["linears"]] + [(kept, spec["hidden"], spec["vocab"])]
+    mats = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    for a, b in mats:  # warm-up
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for a, b in mats:
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return flops / best
 
 
 # --------------------------------------------------------------------------- report
@@ -241,11 +343,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "--workdir", str(workdir), "--model_path", info["model"]]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "TQDM_DISABLE": "1"})
+            if args.profile:
+                print(proc.stdout.split("RESULT ")[0])
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode != 0 or not line:
                 sys.exit(f"{path} failed:\n{proc.stderr[-4000:]}")
             results.append(json.loads(line[0][len("RESULT "):]))
-    report(args, info, results)
+    if not args.profile:
+        report(args, info, results)
     return results
 
 
@@ -271,6 +376,16 @@ def report(args: argparse.Namespace, info: dict, results: list[dict]) -> None:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"| {r['path']} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.3f} | {r['peak_mb']:.0f} | {mfu} "
               f"| {first} |")
+    if args.roofline:
+        print("\n| path | GFLOP/step | achieved GFLOP/s | GEMM GFLOP/s (model shapes) | share of GEMM |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in results:
+            print(f"| {r['path']} | {r['step_gflop']:.1f} | {r['achieved_gflops']:.1f} | {r['gemm_gflops']:.1f} | "
+                  f"{100 * r['achieved_gflops'] / r['gemm_gflops']:.0f}% |")
+    if "ours" in by and "unfused" in by:
+        o, u = by["ours"], by["unfused"]
+        print(f"| fused/unfused | {o['tokens_per_s'] / u['tokens_per_s']:.2f}x | "
+              f"{o['s_per_step'] / u['s_per_step']:.2f}x | {o['peak_mb'] / u['peak_mb']:.2f}x | | |")
     if "ours" in by and "original" in by:
         o, g = by["ours"], by["original"]
         print(f"| ours/original | {o['tokens_per_s'] / g['tokens_per_s']:.2f}x | "

@@ -83,6 +83,9 @@ def add_unlearn_args(
     bool_arg(train, "--bf16", None, "bfloat16 (default: on when a CUDA GPU supports it)")
     bool_arg(train, "--gradient_checkpointing", False, "recompute activations to save memory")
     bool_arg(train, "--group_by_length", False, "batch items of similar length together (less padding, bs > 1)")
+    bool_arg(train, "--fused_head_loss", True, "per-token losses (NLL, ME) straight from the output head's input in "
+                                               "chunks, never building the B x T x vocabulary logits (less memory); "
+                                               "false: the plain logits path")
     train.add_argument("--report_to", default="none", help="none, tensorboard, wandb or swanlab (when installed)")
 
     lora = parser.add_argument_group("LoRA")

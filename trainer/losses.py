@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.data_module import IGNORE_INDEX
-from evals.logprobs import sequence_nll, shift_labels, token_nll, upcast
+from evals.logprobs import HeadInput, head_token_values, sequence_nll, shift_labels, token_nll, upcast
 
 # Tokens per chunk in the ME loss: bounds the float32 temporaries to chunk x V at a time.
 ME_CHUNK_TOKENS = 256
@@ -78,11 +78,15 @@ def me_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     In closed form, per position with logits ``z`` over ``V`` classes:
     ``KL(u || p) = sum_v (1/V)(log(1/V) - log p_v) = logsumexp(z) - mean(z) - log V``.
     No uniform tensor, softmax copy or extra ``B x T x V`` tensor is built: positions are processed
-    ``ME_CHUNK_TOKENS`` at a time (see ``_MaxEntropy``).
+    ``ME_CHUNK_TOKENS`` at a time (see ``_MaxEntropy``). Given a :class:`~evals.logprobs.HeadInput` the logits
+    are never built whole at all (the fused head).
     """
     mask = shift_labels(labels) != IGNORE_INDEX
     if not mask.any():
         return logits.sum() * 0.0
+    if isinstance(logits, HeadInput):  # per-position values straight from the head's input, chunk by chunk
+        values, mask = head_token_values(logits, labels, "me")
+        return (values.sum(dtype=torch.float64) / mask.sum()).to(values.dtype)
     return _MaxEntropy.apply(logits.contiguous(), mask) - math.log(logits.size(-1))
 
 
@@ -353,7 +357,9 @@ class LossTerm:
     trains). ``needs_hidden``: the hidden states of the trainer's chosen layer (RMU). ``needs_logits``:
     False lets the trainer skip the output head for the part. ``dual``: the term's weight is PDU's dual
     variable instead of a fixed coefficient. ``units``: the count the term's mean divides by, from the
-    parts' labels alone (known before any forward pass).
+    parts' labels alone (known before any forward pass). ``fusable``: the term reads its logits (and
+    reference logits) only through per-token NLL or ME, so it accepts a :class:`~evals.logprobs.HeadInput`
+    and the trainer may skip building the logits (the fused head).
     """
 
     parts: tuple[str, ...]
@@ -363,18 +369,21 @@ class LossTerm:
     needs_hidden: bool = False
     needs_logits: bool = True
     dual: bool = False
+    fusable: bool = False
 
 
 def _f(o: Mapping[str, PartOutput]) -> PartOutput:
     return o["forget"]
 
 
-GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
-ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
+GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"), fusable=True)
+ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"),
+              fusable=True)
 IDK = LossTerm(("forget_idk",), False, lambda o, p: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels),
-               _tokens_of("forget_idk"))
+               _tokens_of("forget_idk"), fusable=True)
 NPO = LossTerm(("forget",), True,
-               lambda o, p: npo_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.beta), _rows_of("forget"))
+               lambda o, p: npo_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.beta), _rows_of("forget"),
+               fusable=True)
 DPO = LossTerm(
     ("forget", "forget_idk"),
     True,
@@ -383,24 +392,27 @@ DPO = LossTerm(
         _f(o).ref_logits, o["forget_idk"].ref_logits, p.beta,
     ),
     _rows_of("forget"),
+    fusable=True,
 )
 SIMNPO = LossTerm(("forget",), False,
                   lambda o, p: simnpo_loss(_f(o).logits, _f(o).labels, p.simnpo_beta, p.simnpo_delta),
-                  lambda labels, p: answered_rows(labels["forget"]))
+                  lambda labels, p: answered_rows(labels["forget"]), fusable=True)
 UNDIAL = LossTerm(("forget",), True,
                   lambda o, p: undial_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.undial_beta),
                   _tokens_of("forget"))
-WGA = LossTerm(("forget",), False, lambda o, p: wga_loss(_f(o).logits, _f(o).labels, p.wga_beta), _tokens_of("forget"))
+WGA = LossTerm(("forget",), False, lambda o, p: wga_loss(_f(o).logits, _f(o).labels, p.wga_beta), _tokens_of("forget"),
+               fusable=True)
 SATIMP = LossTerm(("forget",), False,
                   lambda o, p: satimp_loss(_f(o).logits, _f(o).labels, p.satimp_beta1, p.satimp_beta2),
-                  _tokens_of("forget"))
+                  _tokens_of("forget"), fusable=True)
 CEU = LossTerm(("forget",), False, lambda o, p: ceu_loss(_f(o).logits, _f(o).labels, p.ceu_skip_tokens),
                lambda labels, p: answer_tokens(labels["forget"], p.ceu_skip_tokens))
 PDU_F = LossTerm(("forget",), False, lambda o, p: pdu_forget_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
 RMU_F = LossTerm(("forget",), False, lambda o, p: rmu_loss(_f(o).hidden, p.steering, _f(o).labels),
                  _rows_of("forget"), needs_hidden=True, needs_logits=False)
 
-GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), _tokens_of("retain"))
+GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), _tokens_of("retain"),
+              fusable=True)
 KL = LossTerm(("retain",), True, lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels),
               _tokens_of("retain"))
 AP = LossTerm(
@@ -409,9 +421,10 @@ AP = LossTerm(
     lambda o, p: ap_loss(o["retain"].logits, o["retain"].labels, o["retain_idk"].logits, o["retain_idk"].labels,
                          p.beta),
     _rows_of("retain"),
+    fusable=True,
 )
 PDU_R = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels),
-                 _tokens_of("retain"), dual=True)
+                 _tokens_of("retain"), dual=True, fusable=True)
 RMU_R = LossTerm(("retain",), True, lambda o, p: rmu_loss(o["retain"].hidden, o["retain"].ref_hidden,
                                                           o["retain"].labels),
                  _rows_of("retain"), needs_hidden=True, needs_logits=False)

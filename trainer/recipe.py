@@ -366,6 +366,7 @@ def train(args: argparse.Namespace) -> Path:
         dual_epsilon=args.pdu_epsilon,
         dual_step_size=args.pdu_dual_step_size,
         loss_reduction=args.loss_reduction,
+        fused_head=args.fused_head_loss,
         callbacks=[EpochCheckpointCallback(args.save_steps), JsonlLogCallback(out_dir / LOG_FILE),
                    DatasetEpochCallback(dataset)],
     )

@@ -17,6 +17,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dataset.data_module import IGNORE_INDEX
+from evals.logprobs import HeadInput
 from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,25 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"cannot find the decoder layers of {type(base).__name__} (expected .model.layers)")
     return layers
+
+
+# Architectures whose logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after the head): the
+# fused head may stand in for their logits.
+FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe"})
+
+
+def fusable_head(model: torch.nn.Module | None) -> torch.nn.Linear | None:
+    """The model's output head when per-token losses may be computed from its input (frozen, bias-free plain
+    ``Linear``, whole on this process, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``."""
+    if model is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
+            or head.weight.numel() == 0 or model_type not in FUSABLE_ARCHITECTURES):
+        return None
+    return head
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -105,6 +125,7 @@ class UnlearnTrainer(Trainer):
         dual_step_size: float = 1.0,
         skip_unlabelled_logits: bool = True,
         loss_reduction: str = "global",
+        fused_head: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -122,6 +143,9 @@ class UnlearnTrainer(Trainer):
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
         self.hidden_parts = frozenset(p for t in terms if t.needs_hidden for p in t.parts)
         self.logit_parts = frozenset(p for t in terms if t.needs_logits for p in t.parts)
+        # parts every reading term of which needs only per-token NLL / ME: no logits tensor is built for them
+        self.fused_parts = frozenset(p for p in self.logit_parts if all(t.fusable for t in terms if p in t.parts)) \
+            if fused_head else frozenset()
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -133,6 +157,9 @@ class UnlearnTrainer(Trainer):
         # same weights with the LoRA adapter switched off
         self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False) if ref_model is not None \
             else None
+        self._head = fusable_head(unwrapped) if self.fused_parts else None
+        self._ref_head = (fusable_head(self.ref_model) if self.ref_model is not None else self._head) \
+            if self.fused_parts else None
         self.steering_coeff = steering_coeff
         self._layer = decoder_layers(unwrapped)[hidden_layer] if self.hidden_parts else None
         self._ref_layer = decoder_layers(self.ref_model)[hidden_layer] \
@@ -201,24 +228,38 @@ class UnlearnTrainer(Trainer):
         spare = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
         return keep, torch.cat([spare, labels[:, needed + 1]], dim=1)
 
-    def _run(self, model, part: dict[str, torch.Tensor], keep, layer: torch.nn.Module | None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (at ``keep``) and, given a layer, that layer's output hidden states ``(B, T, H)``."""
+    def _run(self, model, part: dict[str, torch.Tensor], keep, layer: torch.nn.Module | None,
+             head: torch.nn.Linear | None = None) -> tuple[torch.Tensor | HeadInput, torch.Tensor | None]:
+        """Logits (at ``keep``) and, given a layer, that layer's output hidden states ``(B, T, H)``.
+
+        Given the output ``head``, the logits come back as a :class:`HeadInput`: a pre-hook takes the head's
+        input (the hidden states at ``keep``) and hands the head one position only, so no ``B x K x V``
+        logits are made; the losses run the head chunk by chunk.
+        """
         captured: list[torch.Tensor] = []
-        handle = None
+        head_input: list[torch.Tensor] = []
+        handles = []
         if layer is not None:
-            handle = layer.register_forward_hook(
-                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            handles.append(layer.register_forward_hook(
+                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)))
+        if head is not None:
+            def take_input(module, args):
+                head_input.append(args[0])
+                return (args[0][..., :1, :], *args[1:])
+
+            handles.append(head.register_forward_pre_hook(take_input))
         kwargs = {} if keep is None else {"logits_to_keep": keep}
         try:
             logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
+        if head is not None:
+            logits = HeadInput(head_input[0], head.weight)
         return logits, (captured[0] if captured else None)
 
-    def _reference(self, model, part: dict[str, torch.Tensor], keep, hidden: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _reference(self, model, part: dict[str, torch.Tensor], keep, hidden: bool, fused: bool = False
+                   ) -> tuple[torch.Tensor | HeadInput, torch.Tensor | None]:
         """The reference's outputs: the frozen copy's, or the same weights' with the LoRA adapter off.
 
         Dropout is switched off for the reference forward (and the previous mode restored): a reference
@@ -226,14 +267,15 @@ class UnlearnTrainer(Trainer):
         """
         ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(model)
         layer = self._ref_layer if hidden else None
+        head = self._ref_head if fused else None
         was_training = ref.training
         ref.eval()
         try:
             with torch.no_grad():
                 if self.ref_model is not None:
-                    return self._run(ref, part, keep, layer)
+                    return self._run(ref, part, keep, layer, head)
                 with ref.disable_adapter():
-                    return self._run(ref, part, keep, layer)
+                    return self._run(ref, part, keep, layer, head)
         finally:
             ref.train(was_training)
 
@@ -265,10 +307,11 @@ class UnlearnTrainer(Trainer):
             else:
                 keep, labels = self._kept_positions(part["labels"])
             layer = self._layer if wants_hidden else None
+            fused = name in self.fused_parts
             ref_logits = ref_hidden = None
             if name in self.ref_parts:
-                ref_logits, ref_hidden = self._reference(model, part, keep, wants_hidden)
-            logits, hidden = self._run(model, part, keep, layer)
+                ref_logits, ref_hidden = self._reference(model, part, keep, wants_hidden, fused)
+            logits, hidden = self._run(model, part, keep, layer, self._head if fused else None)
             outputs[name] = PartOutput(logits, labels, ref_logits, hidden, ref_hidden)
         if "forget" in self.hidden_parts:
             self._ensure_steering(outputs["forget"].hidden)
