@@ -8,14 +8,16 @@ predicts label ``t + 1``. Labels equal to ``IGNORE_INDEX`` count for nothing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from dataset.data_module import IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "HeadInput", "head_token_values", "qa_batches", "sequence_nll", "shift_labels", "token_nll",
-           "upcast"]
+__all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "HeadInput", "fusable_head", "head_input_taken",
+           "head_token_values", "qa_batches", "sequence_nll", "shift_labels", "token_nll", "upcast"]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,42 @@ class HeadInput:
 
     def sum(self) -> torch.Tensor:
         return self.hidden.sum()
+
+
+# Architectures whose logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after the head): the
+# fused head may stand in for their logits.
+FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe"})
+
+
+def fusable_head(model: torch.nn.Module | None) -> torch.nn.Linear | None:
+    """The model's output head when per-token losses may be computed from its input (frozen, bias-free plain
+    ``Linear``, whole on this process, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``."""
+    if model is None:
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
+            or head.weight.numel() == 0 or model_type not in FUSABLE_ARCHITECTURES):
+        return None
+    return head
+
+
+@contextmanager
+def head_input_taken(head: torch.nn.Linear) -> Iterator[list[torch.Tensor]]:
+    """While active, every call of ``head`` records its input in the yielded list and computes one position
+    only: the model's own logits shrink to ``B x 1 x V``; the recorded input makes a :class:`HeadInput`."""
+    taken: list[torch.Tensor] = []
+
+    def take(module, args):
+        taken.append(args[0])
+        return (args[0][..., :1, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(take)
+    try:
+        yield taken
+    finally:
+        handle.remove()
 
 
 class _HeadTokenValues(torch.autograd.Function):

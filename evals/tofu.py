@@ -28,6 +28,7 @@ Aggregation, per set (retain, forget, real authors, world facts):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -83,14 +84,16 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss)."""
     import torch
 
-    from evals.logprobs import qa_batches, token_nll
+    from evals.logprobs import HeadInput, fusable_head, head_input_taken, qa_batches, token_nll
 
     pairs = list(zip(questions, answers, strict=True))
+    head = fusable_head(model)  # then the head runs on answer positions only, in chunks (no B x T x V logits)
     local: dict[int, tuple[float, int]] = {}
     for indices, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length, shard):
-        with torch.no_grad():
+        with torch.no_grad(), head_input_taken(head) if head is not None else contextlib.nullcontext() as taken:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, counted = token_nll(logits.float(), batch["labels"])
+        logits = HeadInput(taken[0], head.weight) if head is not None else logits.float()
+        nll, counted = token_nll(logits, batch["labels"])
         local.update(zip(indices, zip(nll.sum(-1).tolist(), counted.sum(-1).tolist(), strict=True), strict=True))
     results = shard.gather(local, len(pairs))
     return [s for s, _ in results], [n for _, n in results]

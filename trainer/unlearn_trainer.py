@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -17,7 +18,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from dataset.data_module import IGNORE_INDEX
-from evals.logprobs import HeadInput
+from evals.logprobs import HeadInput, fusable_head, head_input_taken
 from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
 
 logger = logging.getLogger(__name__)
@@ -49,25 +50,6 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     if not isinstance(layers, torch.nn.ModuleList):
         raise ValueError(f"cannot find the decoder layers of {type(base).__name__} (expected .model.layers)")
     return layers
-
-
-# Architectures whose logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after the head): the
-# fused head may stand in for their logits.
-FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe"})
-
-
-def fusable_head(model: torch.nn.Module | None) -> torch.nn.Linear | None:
-    """The model's output head when per-token losses may be computed from its input (frozen, bias-free plain
-    ``Linear``, whole on this process, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``."""
-    if model is None:
-        return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    model_type = getattr(getattr(base, "config", None), "model_type", None)
-    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
-            or head.weight.numel() == 0 or model_type not in FUSABLE_ARCHITECTURES):
-        return None
-    return head
 
 
 class SeededLengthGroupedSampler(LengthGroupedSampler):
@@ -237,25 +219,19 @@ class UnlearnTrainer(Trainer):
         logits are made; the losses run the head chunk by chunk.
         """
         captured: list[torch.Tensor] = []
-        head_input: list[torch.Tensor] = []
-        handles = []
+        handle = None
         if layer is not None:
-            handles.append(layer.register_forward_hook(
-                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out)))
-        if head is not None:
-            def take_input(module, args):
-                head_input.append(args[0])
-                return (args[0][..., :1, :], *args[1:])
-
-            handles.append(head.register_forward_pre_hook(take_input))
+            handle = layer.register_forward_hook(
+                lambda module, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
         kwargs = {} if keep is None else {"logits_to_keep": keep}
         try:
-            logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
+            with head_input_taken(head) if head is not None else contextlib.nullcontext([]) as taken:
+                logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kwargs).logits
         finally:
-            for handle in handles:
+            if handle is not None:
                 handle.remove()
         if head is not None:
-            logits = HeadInput(head_input[0], head.weight)
+            logits = HeadInput(taken[0], head.weight)
         return logits, (captured[0] if captured else None)
 
     def _reference(self, model, part: dict[str, torch.Tensor], keep, hidden: bool, fused: bool = False

@@ -100,7 +100,8 @@ FUSABLE = sorted(name for name, (f, r) in LOSSES.items() if f.fusable or (r is n
 @pytest.mark.parametrize("loss_type", FUSABLE)
 def test_trainer_loss_and_gradients_equal_with_and_without_the_fused_head(target, tmp_path, loss_type):
     """Every objective with a fusable term, on the tiny model: the same loss and the same LoRA gradients
-    whether the logits are built or not (float32: losses to 1e-5 or 1e-6 absolute, each gradient tensor to 1e-4 of its norm)."""
+    whether the logits are built or not (float32: losses to 1e-5 or 1e-6 absolute, each gradient tensor to
+    1e-4 of its norm)."""
     results = []
     for fused in (False, True):
         trainer, model, batch = make_trainer(target, tmp_path / str(fused), loss_type, fused, "--rmu_layer", "1")
