@@ -250,7 +250,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         flops = [step_flops(spec, step, ref_parts) for step in shapes[1 : 1 + len(timed)]]
         result["step_gflop"] = sum(flops) / len(flops) / 1e9
         result["achieved_gflops"] = sum(flops) / sum(timed) / 1e9
-        result["gemm_gflops"] = gemm_throughput(spec, shapes[1 : 1 + len(timed)], model.dtype) / 1e9
+        result["gemm_gflops"] = gemm_throughput(spec, shapes[1 : 1 + len(timed)], model.dtype, model.device) / 1e9
     return result
 
 
@@ -304,7 +304,7 @@ def step_flops(spec: dict, step: dict[str, tuple[int, int, int]], ref_parts: set
     return total
 
 
-def gemm_throughput(spec: dict, steps: list[dict], dtype) -> float:
+def gemm_throughput(spec: dict, steps: list[dict], dtype, device) -> float:
     """FLOP/s of plain matrix products with the model's own shapes (each linear layer and the head, at the
     steps' mean token count), in the training dtype and thread count: this machine's matmul limit for
     this model."""
@@ -313,15 +313,19 @@ def gemm_throughput(spec: dict, steps: list[dict], dtype) -> float:
     tokens = max(1, round(sum(r * n for step in steps for r, n, _ in step.values()) / max(1, sum(map(len, steps)))))
     kept = max(1, round(sum(r * k for step in steps for r, _, k in step.values()) / max(1, sum(map(len, steps)))))
     shapes = [(tokens, i, o) for i, o in spec["linears"]] + [(kept, spec["hidden"], spec["vocab"])]
-    mats = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for m, k, n in shapes]
+    mats = [(torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device))
+            for m, k, n in shapes]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops = sum(2 * m * k * n for m, k, n in shapes)
     for a, b in mats:  # warm-up
         a @ b
     best = float("inf")
     for _ in range(5):
+        sync()
         start = time.perf_counter()
         for a, b in mats:
             a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return flops / best
 
