@@ -23,6 +23,7 @@ ours/original. By default the model is a random Qwen2-shaped one with Qwen's voc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -152,7 +153,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     import trainer.recipe as unlearn
     from trainer.arguments import add_unlearn_args
-    from trainer.losses import LOSSES, LossTerm
+    from trainer.losses import LOSSES
     from trainer.unlearn_trainer import UnlearnTrainer
 
     torch.manual_seed(0)
@@ -181,7 +182,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     training_args.disable_tqdm = True
     forget_term, retain_term = LOSSES[args.loss_type]
     if original and args.loss_type == "ME+GD":
-        forget_term = LossTerm(("forget",), False, lambda o, b: naive_me_loss(o["forget"].logits, o["forget"].labels))
+        # ME's parts and units, the original's computation on whole logits
+        forget_term = dataclasses.replace(forget_term, compute=lambda o, b: naive_me_loss(o["forget"].logits,
+                                                                                          o["forget"].labels),
+                                          fusable=False)
 
     real_tokens: list[int] = []
     shapes: list[dict[str, tuple[int, int, int]]] = []  # per step and part: (rows, padded length, kept positions)
@@ -189,7 +193,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     def collate(items):
         real_tokens.append(sum(s["n_text"] + 1 for item in items for s in item.values()))
         batch = unlearn.ForgetRetainCollator(tokenizer.pad_token_id)(items)
-        shapes.append({name: part_shape(part["labels"], keep_all=original) for name, part in batch.items()})
+        shapes.append({name: part_shape(part["labels"], trainer) for name, part in batch.items()})
         return batch
 
     step_times: list[float] = []
@@ -257,14 +261,11 @@ def run_worker(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- the roofline
 
 
-def part_shape(labels, keep_all: bool) -> tuple[int, int, int]:
-    """(rows, padded length, positions the output head runs on) of one batch part, as the trainer runs it
-    (the head at positions whose next label some row reads, plus one; every position on the original path)."""
+def part_shape(labels, trainer) -> tuple[int, int, int]:
+    """(rows, padded length, positions the output head runs on) of one batch part, as ``trainer`` runs it."""
     rows, length = labels.shape
-    if keep_all:
-        return rows, length, length
-    needed = int((labels[:, 1:] != -100).any(dim=0).sum())
-    return rows, length, min(length, needed + 1)
+    keep, _ = trainer._kept_positions(labels)
+    return rows, length, length if keep is None else keep.numel()
 
 
 def model_spec(config, lora_r: int) -> dict:
