@@ -33,11 +33,13 @@ LOSS_REDUCTIONS = ("global", "micro_batch")
 @dataclasses.dataclass
 class StepUnits:
     """What one optimizer step's micro-batches share: each term's unit count over the whole step (all
-    micro-batches of all processes; ``None`` under ``--loss_reduction micro_batch``), the number of local
-    micro-batches, and running sums the step completes with (micro-batches done, weighted retain loss)."""
+    micro-batches of all processes; ``None`` under ``--loss_reduction micro_batch``) and in each local
+    micro-batch, the number of local micro-batches, and running sums the step completes with (micro-batches
+    done, weighted retain loss)."""
 
     totals: dict[str, float] | None
     micro_batches: int
+    local: list[dict[str, float]] = dataclasses.field(default_factory=list)
     done: int = 0
     retain: float = 0.0
 
@@ -170,25 +172,22 @@ class UnlearnTrainer(Trainer):
         term's units (answer tokens or rows, from the labels alone) over the step, summed over processes."""
         if self.loss_reduction != "global" or not batch_samples:
             return StepUnits(None, len(batch_samples))
-        local = torch.tensor([[float(term.units({p: batch[p]["labels"] for p in term.parts}, self.params))
-                               for term in self.terms.values()] for batch in batch_samples],
-                             dtype=torch.float64).sum(dim=0)
+        local = [{key: float(term.units({p: batch[p]["labels"] for p in term.parts}, self.params))
+                  for key, term in self.terms.items()} for batch in batch_samples]
+        totals = torch.tensor([[units[key] for key in self.terms] for units in local], dtype=torch.float64).sum(0)
         if self.accelerator.num_processes > 1:
-            local = self.accelerator.reduce(local.to(device), reduction="sum").cpu()
-        return StepUnits(dict(zip(self.terms, local.tolist(), strict=True)), len(batch_samples))
+            totals = self.accelerator.reduce(totals.to(device), reduction="sum").cpu()
+        return StepUnits(dict(zip(self.terms, totals.tolist(), strict=True)), len(batch_samples), local)
 
-    def _weights(self, inputs, step: StepUnits, processes: int) -> dict[str, float]:
-        """Each term's weight for this micro-batch so that, summed over the step's micro-batches and processes,
-        the step's loss is the term's global mean: ``n / N`` (this micro-batch's units over the step's), or
-        under ``micro_batch`` ``1 / (micro-batches x processes)``: the mean of the micro-batch means."""
-        weights = {}
-        for key, term in self.terms.items():
-            if step.totals is None:
-                weights[key] = 1.0 / (step.micro_batches * processes)
-            else:
-                units = float(term.units({p: inputs[p]["labels"] for p in term.parts}, self.params))
-                weights[key] = units / step.totals[key] if step.totals[key] > 0 else 0.0
-        return weights
+    def _weights(self, step: StepUnits, processes: int) -> dict[str, float]:
+        """Each term's weight for the step's next micro-batch so that, summed over the step's micro-batches and
+        processes, the step's loss is the term's global mean: ``n / N`` (this micro-batch's units, counted with
+        the step's, over the step's), or under ``micro_batch`` ``1 / (micro-batches x processes)``: the mean of
+        the micro-batch means."""
+        if step.totals is None:
+            return {key: 1.0 / (step.micro_batches * processes) for key in self.terms}
+        units = step.local[step.done]
+        return {key: units[key] / total if total > 0 else 0.0 for key, total in step.totals.items()}
 
     # ------------------------------------------------------------------ loss
 
@@ -291,7 +290,7 @@ class UnlearnTrainer(Trainer):
             outputs[name] = PartOutput(logits, labels, ref_logits, hidden, ref_hidden)
         if "forget" in self.hidden_parts:
             self._ensure_steering(outputs["forget"].hidden)
-        weights = self._weights(inputs, step, processes)
+        weights = self._weights(step, processes)
         forget = self.forget_term.compute(outputs, self.params)
         loss = self.forget_coeff * (weights["forget"] * processes) * forget
         components = {"forget_loss": (forget.detach(), weights["forget"])}
