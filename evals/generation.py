@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.data_module import QAItem
+from evals.shard import SINGLE, Shard
 from utils.utils import ChatTemplate, UserError, bool_arg, family_names, load_chat_template, str2bool
 
 logger = logging.getLogger(__name__)
@@ -126,18 +127,14 @@ def _generate_transformers(model_path: str, prompts: list[str], config: Generati
 
 
 def generate_with_model(model, tokenizer, prompts: Sequence[str], config: GenerationConfig,
-                        max_length: int | None = None, shard=None) -> list[str]:
+                        max_length: int | None = None, shard: Shard = SINGLE) -> list[str]:
     """Batched generation with a loaded model (left padding, prompts of similar length batched together).
 
-    ``max_length`` (prompt + answer, as TOFU's evaluation sets it) replaces ``config.max_new_tokens``. With a
-    ``shard`` (:class:`evals.shard.Shard`) each process generates its batches and every process gets all answers.
+    ``max_length`` (prompt + answer, as TOFU's evaluation sets it) replaces ``config.max_new_tokens``. Each
+    process of ``shard`` generates its batches and every process gets all answers.
     """
     import torch
     from tqdm.auto import tqdm
-
-    from evals.shard import SINGLE
-
-    shard = shard or SINGLE
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = {tokenizer.eos_token_id}

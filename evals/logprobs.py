@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.data_module import IGNORE_INDEX
+from evals.shard import SINGLE, Shard
 
 __all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "HeadInput", "fusable_head", "head_input_taken",
            "head_token_values", "qa_batches", "sequence_nll", "shift_labels", "token_nll", "upcast"]
@@ -169,10 +170,10 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(dim=-1)
 
 
-def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: int, shard=None):
+def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: int, shard: Shard = SINGLE):
     """(question, answer) pairs as training formats them (question masked), collated in batches on the
-    model's device; yields ``(item indices, batch)``, only the batches ``shard`` (an :class:`evals.shard.Shard`)
-    owns when given. A question that leaves no room for its answer is a :class:`~utils.utils.UserError`."""
+    model's device; yields ``(item indices, batch)``, only the batches this process of ``shard`` owns. A
+    question that leaves no room for its answer is a :class:`~utils.utils.UserError`."""
     from dataset.data_module import ForgetRetainCollator, encode_qa
     from utils.utils import UserError
 
@@ -185,7 +186,7 @@ def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: i
     collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                    else tokenizer.eos_token_id)
     for number, start in enumerate(range(0, len(samples), batch_size)):
-        if shard is not None and not shard.owns(number):
+        if not shard.owns(number):
             continue
         batch = collate(samples[start : start + batch_size])["x"]
         yield range(start, start + len(batch["input_ids"])), {k: v.to(model.device) for k, v in batch.items()}
