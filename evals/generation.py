@@ -33,6 +33,7 @@ class GenerationConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     seed: int = 0
+    decoder: str = "auto"  # transformers backend, greedy: "auto" = evals.decoding; "generate" = transformers' own
 
 
 def vllm_available() -> bool:
@@ -127,30 +128,87 @@ def _generate_transformers(model_path: str, prompts: list[str], config: Generati
 
 
 def generate_with_model(model, tokenizer, prompts: Sequence[str], config: GenerationConfig,
-                        max_length: int | None = None, shard: Shard = SINGLE) -> list[str]:
-    """Batched generation with a loaded model (left padding, prompts of similar length batched together).
+                        max_new_tokens: Sequence[int] | None = None, shard: Shard = SINGLE) -> list[str]:
+    """Batched generation with a loaded model: prompts sorted by length, ``config.batch_size`` at a time.
 
-    ``max_length`` (prompt + answer, as TOFU's evaluation sets it) replaces ``config.max_new_tokens``. Each
-    process of ``shard`` generates its batches and every process gets all answers.
+    Greedy decoding (``temperature == 0``) runs :func:`evals.decoding.greedy_decode` (finished rows leave the
+    batch, so large batches pay off); sampling, and models whose ``generation_config`` alters greedy decoding
+    (a repetition penalty, suppressed tokens, ...), run transformers' ``generate``. ``max_new_tokens`` gives
+    each prompt its own budget (default ``config.max_new_tokens`` for all; a budget below 1 gives ""), so an
+    answer does not depend on which prompts share its batch. Each process of ``shard`` generates its batches
+    and every process gets all answers.
     """
-    import torch
-    from tqdm.auto import tqdm
+    from evals.decoding import greedy_changed_by
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    budgets = list(max_new_tokens) if max_new_tokens is not None else [config.max_new_tokens] * len(prompts)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
+    batches = [order[s : s + config.batch_size] for b, s in enumerate(range(0, len(order), config.batch_size))
+               if shard.owns(b)]
+    answers = {i: "" for batch in batches for i in batch if budgets[i] < 1}  # no room left for an answer
+    batches = [kept for batch in batches if (kept := [i for i in batch if budgets[i] >= 1])]
+    changed = greedy_changed_by(model.generation_config)
+    if config.temperature > 0 or changed or config.decoder == "generate":
+        if changed and config.temperature == 0:
+            logger.info("greedy decoding by transformers' generate: the model's generation_config sets %s",
+                        ", ".join(changed))
+        answers.update(_generate_hf(model, tokenizer, encoded, budgets, batches, config, shard))
+    else:
+        answers.update(_generate_greedy(model, tokenizer, encoded, budgets, batches, shard))
+    return shard.gather(answers, len(prompts))
+
+
+def budgets_by_batch_width(tokenizer, prompts: Sequence[str], max_length: int, batch_size: int) -> list[int]:
+    """New-token budgets as transformers' ``generate(max_length=...)`` gives them to ``prompts`` batched
+    ``batch_size`` at a time in this order: ``max_length`` minus the padded width of the prompt's batch (a
+    short prompt next to a long one gets fewer tokens). TOFU's evaluation generates this way."""
+    lengths = [len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    budgets = []
+    for start in range(0, len(lengths), batch_size):
+        width = max(lengths[start : start + batch_size])
+        budgets += [max_length - width] * len(lengths[start : start + batch_size])
+    return budgets
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """EOS of the tokenizer and of the model's generation_config."""
     eos = {tokenizer.eos_token_id}
     gen_eos = model.generation_config.eos_token_id
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
     eos.discard(None)
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths share a batch
-    answers: dict[int, str] = {}
+    return sorted(eos)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _generate_greedy(model, tokenizer, encoded: list[list[int]], budgets: list[int], batches: list[list[int]],
+                     shard: Shard) -> dict[int, str]:
+    from tqdm.auto import tqdm
+
+    from evals.decoding import greedy_decode
+
+    idx = [i for batch in batches for i in batch]  # this process's prompts, longest first
+    with tqdm(total=len(idx), desc="generate", unit="answer", disable=not shard.is_main) as bar:
+        out = greedy_decode(model, [encoded[i] for i in idx], [budgets[i] for i in idx], _stop_ids(model, tokenizer),
+                            _pad_id(tokenizer), max(map(len, batches), default=1), on_finished=bar.update)
+    return {i: tokenizer.decode(ids, skip_special_tokens=True) for i, ids in zip(idx, out, strict=True)}
+
+
+def _generate_hf(model, tokenizer, encoded: list[list[int]], budgets: list[int], batches: list[list[int]],
+                 config: GenerationConfig, shard: Shard) -> dict[int, str]:
+    import torch
+    from tqdm.auto import tqdm
+
+    pad_id = _pad_id(tokenizer)
     sampling = config.temperature > 0
     if sampling:
         torch.manual_seed(config.seed)
-    length = {"max_length": max_length} if max_length else {"max_new_tokens": config.max_new_tokens}
-    starts = [s for b, s in enumerate(range(0, len(order), config.batch_size)) if shard.owns(b)]
-    for start in tqdm(starts, desc="generate", unit="batch", disable=not shard.is_main):
-        idx = order[start : start + config.batch_size]
+    answers: dict[int, str] = {}
+    for idx in tqdm(batches, desc="generate", unit="batch", disable=not shard.is_main):
         width = max(len(encoded[i]) for i in idx)
         input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
         attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
@@ -158,11 +216,12 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
             out = model.generate(
                 input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), do_sample=sampling,
                 temperature=config.temperature if sampling else None, top_p=config.top_p if sampling else None,
-                top_k=None, eos_token_id=sorted(eos), pad_token_id=pad_id, **length,
+                top_k=None, eos_token_id=_stop_ids(model, tokenizer), pad_token_id=pad_id,
+                max_new_tokens=max(budgets[i] for i in idx),
             )
-        for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-    return shard.gather(answers, len(prompts))
+        for row, i in enumerate(idx):  # the batch ran to its largest budget: each row keeps its own
+            answers[i] = tokenizer.decode(out[row, width : width + budgets[i]], skip_special_tokens=True)
+    return answers
 
 
 def _generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
