@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     shard = current_shard()  # under accelerate launch / torchrun: every process takes its share of the batches
     model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
     stats = run_evaluation(model, tokenizer, template, paths, Path(args.save_dir), args.retain_result,
-                           args.ds_size, args.tofu_batch_size, shard)
+                           args.ds_size, args.tofu_batch_size, shard, args.tofu_generation_batch_size)
     if shard.is_main:
         print(format_table(stats))
         print(f"logs written to {args.save_dir}/eval_log_aggregated.json and aggregate_stat.json")

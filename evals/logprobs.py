@@ -7,6 +7,7 @@ predicts label ``t + 1``. Labels equal to ``IGNORE_INDEX`` count for nothing.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,15 +68,16 @@ class HeadInput:
 FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe"})
 
 
-def fusable_head(model: torch.nn.Module | None) -> torch.nn.Linear | None:
+def fusable_head(model: torch.nn.Module | None, inference: bool = False) -> torch.nn.Linear | None:
     """The model's output head when per-token losses may be computed from its input (frozen, bias-free plain
-    ``Linear``, whole on this process, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``."""
+    ``Linear``, whole on this process, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``.
+    ``inference``: the values are computed without gradients, so a trainable head is fine too."""
     if model is None:
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     model_type = getattr(getattr(base, "config", None), "model_type", None)
-    if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad
+    if (type(head) is not torch.nn.Linear or head.bias is not None or (head.weight.requires_grad and not inference)
             or head.weight.numel() == 0 or model_type not in FUSABLE_ARCHITECTURES):
         return None
     return head
@@ -190,3 +192,115 @@ def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: i
             continue
         batch = collate(samples[start : start + batch_size])["x"]
         yield range(start, start + len(batch["input_ids"])), {k: v.to(model.device) for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- many answers to one question
+
+
+def _first_label(labels: list[int]) -> int:
+    """Index of the first counted label, at least 1 (label 0 has no position to predict it)."""
+    for i, label in enumerate(labels):
+        if label != IGNORE_INDEX:
+            return max(i, 1)
+    return len(labels)
+
+
+@torch.no_grad()
+def prompt_shared_nll(model, samples: list[dict[str, list[int]]], pad_id: int, batch_size: int,
+                      shard: Shard = SINGLE) -> list[tuple[float, int]]:
+    """Summed NLL and count of each sample's counted labels (``{"input_ids", "labels"}``, labels aligned with
+    the inputs), the same values as one forward per sample; identical samples are computed once.
+
+    Samples whose tokens before their first counted label agree (one question's answers) share one forward
+    of that prompt: its KV cache, repeated for each answer, serves a second forward over the answers alone,
+    and the prompt's last state predicts every answer's first token. TOFU scores 7 answers per question, so
+    each question's tokens are run once instead of 7 times. Batches hold up to ``batch_size`` answers of
+    whole questions (a question with more is split); each process of ``shard`` runs its batches and every
+    process gets all values.
+    """
+    from evals.decoding import grouped_kv_attention
+
+    distinct: dict[tuple, int] = {}
+    of_sample = [distinct.setdefault((tuple(s["input_ids"]), tuple(s["labels"])), len(distinct)) for s in samples]
+    rows = list(distinct)  # (input_ids, labels) of each distinct sample
+    by_prompt: dict[tuple, list[int]] = {}
+    for r, (ids, labels) in enumerate(rows):
+        by_prompt.setdefault(ids[: _first_label(list(labels))], []).append(r)
+    groups = [members[i : i + batch_size] for members in by_prompt.values()
+              for i in range(0, len(members), batch_size)]
+    groups.sort(key=lambda g: -max(len(rows[r][0]) for r in g))  # similar lengths share a batch
+    batches: list[list[list[int]]] = []
+    for group in groups:
+        if batches and sum(map(len, batches[-1])) + len(group) <= batch_size:
+            batches[-1].append(group)
+        else:
+            batches.append([group])
+
+    head = fusable_head(model, inference=True)
+    local: dict[int, tuple[float, int]] = {}
+    with grouped_kv_attention(model):
+        for number, batch in enumerate(batches):
+            if shard.owns(number):
+                local.update(_shared_batch(model, head, rows, batch, pad_id))
+    values = shard.gather(local, len(rows))
+    return [values[r] for r in of_sample]
+
+
+def _shared_batch(model, head, rows: list[tuple], groups: list[list[int]], pad_id: int) -> dict[int, tuple[float, int]]:
+    """One batch of :func:`prompt_shared_nll`: a forward of the groups' prompts, then of their answers."""
+    from evals.decoding import decoding_cache
+
+    device = model.device
+    prompts = [rows[g[0]][0][: _first_label(list(rows[g[0]][1]))] for g in groups]
+    width = max(map(len, prompts))
+    prompt_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(groups), width), dtype=torch.long)
+    for g, prompt in enumerate(prompts):  # left padding: every prompt ends in the last column
+        prompt_ids[g, width - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[g, width - len(prompt):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    members = [r for group in groups for r in group]
+    group_of = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
+    # answer inputs: the tokens after the prompt but the last (whose prediction nobody reads)
+    answers = [rows[r][0][len(prompts[g]) : -1] for g, group in enumerate(groups) for r in group]
+    targets = [rows[r][1][len(prompts[g]) :] for g, group in enumerate(groups) for r in group]
+
+    def run(**inputs) -> torch.Tensor:
+        """The head's input (fused) or the logits at every position of the forward."""
+        with head_input_taken(head) if head is not None else contextlib.nullcontext() as taken:
+            logits = model(**inputs, use_cache=True).logits
+        return taken[0] if head is not None else upcast(logits)
+
+    cache = decoding_cache(model)
+    states = run(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
+                 position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+    first = states[:, -1][group_of]  # predicts each answer's first target
+    answer_width = max(map(len, answers))
+    if answer_width:
+        cache.batch_select_indices(group_of)
+        answer_ids = torch.full((len(members), answer_width), pad_id, dtype=torch.long)
+        answer_mask = torch.zeros((len(members), answer_width), dtype=torch.long)
+        for row, tokens in enumerate(answers):  # right padding: nothing real attends to it
+            answer_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            answer_mask[row, : len(tokens)] = 1
+        answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)[group_of]
+        rest = run(input_ids=answer_ids, attention_mask=torch.cat([prompt_mask[group_of], answer_mask], dim=1),
+                   position_ids=lengths[:, None] + torch.arange(answer_width, device=device), past_key_values=cache)
+        by_position = torch.cat([first[:, None], rest], dim=1)  # (rows, 1 + answer width, H or V)
+    else:
+        by_position = first[:, None]
+    target = torch.full(by_position.shape[:2], IGNORE_INDEX, dtype=torch.long)
+    for row, labels in enumerate(targets):
+        target[row, : len(labels)] = torch.tensor(labels, dtype=torch.long)
+    target = target.to(device)
+    counted = target != IGNORE_INDEX
+    picked = by_position[counted]
+    if head is not None:
+        nll = _HeadTokenValues.apply(picked, head.weight, target[counted], "nll")
+    else:
+        nll = F.cross_entropy(picked, target[counted], reduction="none")
+    sums = torch.zeros(len(members), dtype=nll.dtype, device=device).index_put_((counted.nonzero()[:, 0],), nll,
+                                                                               accumulate=True)
+    counts = counted.sum(dim=1)
+    return {r: (float(s), int(n)) for r, s, n in zip(members, sums.tolist(), counts.tolist(), strict=True)}

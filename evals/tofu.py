@@ -28,9 +28,9 @@ Aggregation, per set (retain, forget, real authors, world facts):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +50,19 @@ EVAL_TASKS: dict[str, tuple[str, str]] = {
     "eval_log_forget.json": ("Forget", "paraphrased_answer"),
 }
 MAX_LENGTH = 200  # TOFU's generation.max_length: tokenisation limit and prompt + answer limit
+# TOFU's eval batch_size: generate(max_length=200) ran on batches of 30 items in file order, so an answer's budget
+# is 200 minus the padded width of its batch of 30 (kept whatever our batch sizes, so answers match TOFU's)
+TOFU_BATCH_SIZE = 30
+# Questions answered together (finished answers leave, the next questions join): larger runs the matrix products
+# faster on a CPU; on a GPU 64 bounds the KV cache (64 x 200 tokens of Llama-2-7B in bfloat16: 6.7 GB).
+GENERATION_BATCH_SIZE = {"cpu": 128, "gpu": 64}
+
+
+def generation_batch_size(model, requested: int | None = None) -> int:
+    """``requested``, else ``GENERATION_BATCH_SIZE`` for the model's device."""
+    if requested is not None:
+        return requested
+    return GENERATION_BATCH_SIZE["cpu" if model.device.type == "cpu" else "gpu"]
 
 
 # --------------------------------------------------------------------------- reading
@@ -81,21 +94,19 @@ def load_tofu_set(path: str | Path, base_key: str, ds_size: int | None = None) -
 def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[str], answers: Sequence[str],
                   batch_size: int = 16, max_length: int = MAX_LENGTH, shard: Shard = SINGLE
                   ) -> tuple[list[float], list[int]]:
-    """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss)."""
-    import torch
+    """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss); the
+    answers to one question share one forward of it (:func:`evals.logprobs.prompt_shared_nll`)."""
+    from dataset.data_module import encode_qa
+    from evals.logprobs import prompt_shared_nll
 
-    from evals.logprobs import HeadInput, fusable_head, head_input_taken, qa_batches, token_nll
-
-    pairs = list(zip(questions, answers, strict=True))
-    head = fusable_head(model)  # then the head runs on answer positions only, in chunks (no B x T x V logits)
-    local: dict[int, tuple[float, int]] = {}
-    for indices, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length, shard):
-        with torch.no_grad(), head_input_taken(head) if head is not None else contextlib.nullcontext() as taken:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = HeadInput(taken[0], head.weight) if head is not None else logits.float()
-        nll, counted = token_nll(logits, batch["labels"])
-        local.update(zip(indices, zip(nll.sum(-1).tolist(), counted.sum(-1).tolist(), strict=True), strict=True))
-    results = shard.gather(local, len(pairs))
+    samples = []
+    for q, a in zip(questions, answers, strict=True):
+        sample = encode_qa(tokenizer, template, q, a, max_length, mask=True)
+        if sample is None:
+            raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
+        samples.append(sample)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = prompt_shared_nll(model, samples, pad_id, batch_size, shard)
     return [s for s, _ in results], [n for _, n in results]
 
 
@@ -108,21 +119,41 @@ def rouge_recalls(golds: Sequence[str], generations: Sequence[str]) -> tuple[lis
     return [s["rouge1"].recall for s in scores], [s["rougeL"].recall for s in scores]
 
 
-def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], base_key: str, normalise: bool,
-                 batch_size: int = 16, generate: bool = True, shard: Shard = SINGLE) -> dict[str, dict]:
-    """One set's per-item log, in TOFU's layout (``{metric: {index: value}}``); each process of ``shard``
-    computes its batches and every process gets the whole log."""
-    from evals.generation import GenerationConfig, generate_with_model
+def generate_answers(model, tokenizer, template: ChatTemplate, sets: Sequence[list[dict]],
+                     batch_size: int | None = None, shard: Shard = SINGLE) -> list[list[str]]:
+    """Greedy answers to every question of ``sets``, all sets decoded together (fuller batches), each answer
+    with TOFU's budget (see ``TOFU_BATCH_SIZE``)."""
+    from evals.generation import GenerationConfig, budgets_by_batch_width, generate_with_model
 
+    prompts = [[template.prompt(it["question"]) for it in items] for items in sets]
+    budgets = [b for p in prompts for b in budgets_by_batch_width(tokenizer, p, MAX_LENGTH, TOFU_BATCH_SIZE)]
+    config = GenerationConfig(batch_size=generation_batch_size(model, batch_size))
+    flat = generate_with_model(model, tokenizer, [q for p in prompts for q in p], config, max_new_tokens=budgets,
+                               shard=shard)
+    out, at = [], 0
+    for p in prompts:
+        out.append(flat[at : at + len(p)])
+        at += len(p)
+    return out
+
+
+def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], base_key: str, normalise: bool,
+                 batch_size: int = 16, generate: bool = True, shard: Shard = SINGLE,
+                 generations: Sequence[str] | None = None) -> dict[str, dict]:
+    """One set's per-item log, in TOFU's layout (``{metric: {index: value}}``); each process of ``shard``
+    computes its batches and every process gets the whole log. ``generations``: the set's answers when
+    already generated (:func:`generate_answers`), else they are generated here."""
     questions = [it["question"] for it in items]
     keys = [str(i) for i in range(len(items))]
-    gt_sum, gt_n = answer_losses(model, tokenizer, template, questions, [it["answer"] for it in items], batch_size,
-                                 shard=shard)
-    base_sum, base_n = answer_losses(model, tokenizer, template, questions, [it[base_key] for it in items],
-                                     batch_size, shard=shard)
     flat_q = [it["question"] for it in items for _ in it["perturbed_answer"]]
     flat_a = [p for it in items for p in it["perturbed_answer"]]
-    pert_sum_flat, pert_n_flat = answer_losses(model, tokenizer, template, flat_q, flat_a, batch_size, shard=shard)
+    # one call: an item's answers (ground truth, base, perturbed) share the forward of its question
+    sums, counts = answer_losses(model, tokenizer, template, questions + questions + flat_q,
+                                 [it["answer"] for it in items] + [it[base_key] for it in items] + flat_a,
+                                 batch_size, shard=shard)
+    n = len(items)
+    gt_sum, gt_n, base_sum, base_n = sums[:n], counts[:n], sums[n : 2 * n], counts[n : 2 * n]
+    pert_sum_flat, pert_n_flat = sums[2 * n :], counts[2 * n :]
     pert_sum, pert_n, at = [], [], 0
     for it in items:
         k = len(it["perturbed_answer"])
@@ -140,9 +171,9 @@ def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], ba
     avg_pert = [mean(sums, counts) for sums, counts in zip(pert_sum, pert_n, strict=True)]
     log: dict[str, dict] = {"avg_gt_loss": by_item(avg_gt), "gt_loss": by_item(gt_sum), "num_token_gt": by_item(gt_n)}
     if generate:
+        if generations is None:
+            generations = generate_answers(model, tokenizer, template, [items], shard=shard)[0]
         prompts = [template.prompt(q) for q in questions]
-        config = GenerationConfig(batch_size=batch_size)
-        generations = generate_with_model(model, tokenizer, prompts, config, max_length=MAX_LENGTH, shard=shard)
         golds = [it["answer"] for it in items]
         rouge1, rouge_l = rouge_recalls(golds, generations)
         log["generated_text"] = by_item([list(row) for row in zip(prompts, generations, golds, strict=True)])
@@ -166,18 +197,27 @@ def evaluate_set(model, tokenizer, template: ChatTemplate, items: list[dict], ba
 
 
 def evaluate_all(model, tokenizer, template: ChatTemplate, paths: dict[str, str | Path], ds_size: int | None = 300,
-                 batch_size: int = 16, shard: Shard = SINGLE) -> dict[str, dict]:
+                 batch_size: int = 16, shard: Shard = SINGLE,
+                 generation_batch_size: int | None = None) -> dict[str, dict]:
     """The aggregated log (``eval_log_aggregated.json`` layout) for the four sets ``paths`` names by log key
     (split across the processes of ``shard``; every process gets the whole log)."""
     from tqdm.auto import tqdm
 
+    sets = {}
+    for key, (name, base_key) in EVAL_TASKS.items():
+        sets[key] = load_tofu_set(paths[key], base_key, ds_size)
+        logger.info("TOFU %s: %d items from %s", name, len(sets[key]), paths[key])
+    start = time.perf_counter()
+    answers = generate_answers(model, tokenizer, template, list(sets.values()), generation_batch_size, shard)
+    logger.info("TOFU: %d answers generated in %.1f s", sum(map(len, answers)), time.perf_counter() - start)
     result = {}
-    for key in tqdm(EVAL_TASKS, desc="TOFU sets", unit="set", disable=not shard.is_main):
-        name, base_key = EVAL_TASKS[key]
-        items = load_tofu_set(paths[key], base_key, ds_size)
-        logger.info("TOFU %s: %d items from %s", name, len(items), paths[key])
-        result[key] = evaluate_set(model, tokenizer, template, items, base_key, normalise="eval_log" not in key,
-                                   batch_size=batch_size, shard=shard)
+    start = time.perf_counter()
+    for (key, items), generations in zip(tqdm(sets.items(), desc="TOFU sets", unit="set", disable=not shard.is_main),
+                                         answers, strict=True):
+        result[key] = evaluate_set(model, tokenizer, template, items, EVAL_TASKS[key][1],
+                                   normalise="eval_log" not in key, batch_size=batch_size, shard=shard,
+                                   generations=generations)
+    logger.info("TOFU: answer losses and ROUGE of the four sets in %.1f s", time.perf_counter() - start)
     return result
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from evals.shard import SINGLE, Shard
-from evals.tofu import EVAL_TASKS, aggregate, evaluate_all
+from evals.tofu import EVAL_TASKS, GENERATION_BATCH_SIZE, aggregate, evaluate_all
 from utils.utils import UserError, write_json
 
 SET_FLAGS = {  # log key -> command-line flag
@@ -28,7 +28,11 @@ def add_tofu_set_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--real_authors_path", help="real_authors_perturbed.json")
     group.add_argument("--world_facts_path", help="world_facts_perturbed.json")
     group.add_argument("--ds_size", type=int, default=300, help="first N items of each set (TOFU uses 300)")
-    group.add_argument("--tofu_batch_size", type=int, default=16, help="evaluation batch size")
+    group.add_argument("--tofu_batch_size", type=int, default=16, help="evaluation batch size (answer losses)")
+    group.add_argument("--tofu_generation_batch_size", type=int, default=None,
+                       help="questions answered together (finished answers leave the batch, the next join); "
+                            f"default {GENERATION_BATCH_SIZE['cpu']} on CPU, {GENERATION_BATCH_SIZE['gpu']} on a GPU "
+                            "(the KV cache grows with it)")
 
 
 def set_paths(args: argparse.Namespace) -> dict[str, str]:
@@ -56,11 +60,13 @@ def load_log(path: str | Path, flag: str) -> dict:
 
 
 def run_evaluation(model, tokenizer, template, paths: dict[str, str], save_dir: Path, retain_result: str | None,
-                   ds_size: int | None, batch_size: int, shard: Shard = SINGLE) -> dict:
+                   ds_size: int | None, batch_size: int, shard: Shard = SINGLE,
+                   generation_batch_size: int | None = None) -> dict:
     """Evaluate a loaded model (split across the processes of ``shard``), write both files into ``save_dir``
     (the main process alone), return the aggregate (on every process)."""
     retain = load_log(retain_result, "--retain_result") if retain_result else None
-    log = evaluate_all(model, tokenizer, template, paths, ds_size=ds_size, batch_size=batch_size, shard=shard)
+    log = evaluate_all(model, tokenizer, template, paths, ds_size=ds_size, batch_size=batch_size, shard=shard,
+                       generation_batch_size=generation_batch_size)
     stats = aggregate(log, retain)
     if shard.is_main:
         write_json(save_dir / "eval_log_aggregated.json", log, indent=None)

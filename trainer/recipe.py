@@ -413,7 +413,8 @@ def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out
     shard = Shard(trainer.accelerator.process_index, trainer.accelerator.num_processes)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     stats = run_evaluation(model, tokenizer, template, set_paths(args), out_dir / "tofu_eval",
-                           args.tofu_retain_result, args.ds_size, args.tofu_batch_size, shard)
+                           args.tofu_retain_result, args.ds_size, args.tofu_batch_size, shard,
+                           args.tofu_generation_batch_size)
     if shard.is_main:
         logger.info("TOFU evaluation (%s):\n%s", out_dir / "tofu_eval", format_table(stats))
 

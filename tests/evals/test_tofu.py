@@ -188,6 +188,28 @@ def test_evaluate_all_reads_each_set_with_its_own_base_answer(bigram_model, toke
     assert len(evaluate_all(bigram_model, tokenizer, template, paths, ds_size=None)["eval_log.json"]["gt_loss"]) == 3
 
 
+def test_generation_budgets_follow_tofu_batches_of_30(tiny_model, tokenizer, template):
+    """TOFU gave each answer 200 tokens minus the padded width of its batch of 30 (in file order). 31
+    questions, the first one long: the short questions in its batch of 30 get fewer tokens than the same
+    short question alone in the next batch, whatever our generation batch (4 here, all sets in one stream).
+    The random model never stops early, so the budgets show in the answers."""
+    from evals.generation import GenerationConfig, budgets_by_batch_width, generate_with_model
+    from evals.tofu import MAX_LENGTH, TOFU_BATCH_SIZE, generate_answers
+
+    model = tiny_model.eval()
+    items = [{"question": "Who " + "really " * 30 + "wrote it?"}] + [{"question": "Who wrote it?"}] * 30
+    prompts = [template.prompt(it["question"]) for it in items]
+    budgets = budgets_by_batch_width(tokenizer, prompts, MAX_LENGTH, TOFU_BATCH_SIZE)
+    own = [MAX_LENGTH - len(tokenizer(p)["input_ids"]) for p in prompts]
+    assert budgets[1] < budgets[30] == own[30] and budgets[0] == own[0]
+    (answers, again) = generate_answers(model, tokenizer, template, [items, items[29:]], batch_size=4)
+    expected = generate_with_model(model, tokenizer, prompts, GenerationConfig(batch_size=8), max_new_tokens=budgets)
+    assert answers == expected
+    # same question, shorter budget: a shorter answer that starts the same (its cut may split a character)
+    assert len(answers[1]) < len(answers[30]) and answers[30][: len(answers[1]) - 2] == answers[1][:-2]
+    assert again[1] == answers[30]  # the second set's batches of 30 are its own: item 30 is first there
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}, "line 2: missing string field 'question'"),
     ({"question": "q", "paraphrased_answer": "b", "perturbed_answer": ["c"]}, "line 2: missing string field 'answer'"),
