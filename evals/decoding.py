@@ -5,12 +5,13 @@ concatenation (a copy of the whole cache at every step) and, with a padding mask
 key/value heads to the query heads' count before attention (another copy of the cache per layer per step).
 On a CPU those copies cost more than the model's own matrix products once the batch is large. Here:
 
-- rows leave the batch once enough of them have finished (``COMPACT_SHARE``), so long batches shrink;
+- rows leave the batch once enough of them have finished (``COMPACT_SHARE``) and the next prompts take
+  their places (continuous batching), so a large batch stays full until the prompts run out;
 - the KV cache is written in place into a buffer grown ``GROW_TOKENS`` positions at a time;
 - on CPU, attention reads the grouped key/value heads directly (``enable_gqa``), bitwise the same result.
 
 The continuation of a row depends on its own prompt only, up to float rounding (which depends on the
-batch's shape): the same answers as ``generate`` at the same batch, faster at large batches.
+batch's shape): the same answers as ``generate``, faster at large batches.
 """
 
 from __future__ import annotations

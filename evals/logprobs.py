@@ -19,7 +19,8 @@ from dataset.data_module import IGNORE_INDEX
 from evals.shard import SINGLE, Shard
 
 __all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "HeadInput", "fusable_head", "head_input_taken",
-           "head_token_values", "qa_batches", "sequence_nll", "shift_labels", "token_nll", "upcast"]
+           "head_token_values", "prompt_shared_nll", "qa_batches", "sequence_nll", "shift_labels", "token_nll",
+           "upcast"]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
