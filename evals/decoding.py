@@ -214,6 +214,20 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(tensor, (width - tensor.shape[1], 0))
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int,
+                device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token lists left-padded to the longest (every prompt ends in the last column): input ids, attention
+    mask and position ids (counting real tokens only), on ``device``."""
+    width = max(map(len, prompts))
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class _Batch:
     """The rows being decoded: their prompts' indices, attention mask (one column per cached position), next
     position, the token each row chose last (``pending``: recorded, not yet fed) and whether it finished."""
@@ -233,14 +247,7 @@ class _Batch:
     def admit(self, indices: list[int], prompts: Sequence[Sequence[int]]) -> None:
         """Prefill the prompts ``indices`` (left-padded together) and add them as rows; their first tokens
         become pending."""
-        width = max(len(prompts[i]) for i in indices)
-        input_ids = torch.full((len(indices), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(indices), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.long)
-            mask[row, width - len(prompts[i]):] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, position = left_padded([prompts[i] for i in indices], self.pad_id, self.device)
         cache = decoding_cache(self.model)
         logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position, past_key_values=cache,
                             use_cache=True, logits_to_keep=1).logits[:, -1]

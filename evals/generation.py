@@ -181,7 +181,8 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(eos)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, its EOS when it has none."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -194,7 +195,7 @@ def _generate_greedy(model, tokenizer, encoded: list[list[int]], budgets: list[i
     idx = [i for batch in batches for i in batch]  # this process's prompts, longest first
     with tqdm(total=len(idx), desc="generate", unit="answer", disable=not shard.is_main) as bar:
         out = greedy_decode(model, [encoded[i] for i in idx], [budgets[i] for i in idx], _stop_ids(model, tokenizer),
-                            _pad_id(tokenizer), max(map(len, batches), default=1), on_finished=bar.update)
+                            pad_id_of(tokenizer), max(map(len, batches), default=1), on_finished=bar.update)
     return {i: tokenizer.decode(ids, skip_special_tokens=True) for i, ids in zip(idx, out, strict=True)}
 
 
@@ -203,20 +204,21 @@ def _generate_hf(model, tokenizer, encoded: list[list[int]], budgets: list[int],
     import torch
     from tqdm.auto import tqdm
 
-    pad_id = _pad_id(tokenizer)
+    from evals.decoding import left_padded
+
+    pad_id, stop = pad_id_of(tokenizer), _stop_ids(model, tokenizer)
     sampling = config.temperature > 0
     if sampling:
         torch.manual_seed(config.seed)
     answers: dict[int, str] = {}
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not shard.is_main):
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in idx])
-        attention = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in idx])
+        input_ids, attention, _ = left_padded([encoded[i] for i in idx], pad_id, model.device)
+        width = input_ids.shape[1]
         with torch.no_grad():
             out = model.generate(
-                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device), do_sample=sampling,
+                input_ids=input_ids, attention_mask=attention, do_sample=sampling,
                 temperature=config.temperature if sampling else None, top_p=config.top_p if sampling else None,
-                top_k=None, eos_token_id=_stop_ids(model, tokenizer), pad_token_id=pad_id,
+                top_k=None, eos_token_id=stop, pad_token_id=pad_id,
                 max_new_tokens=max(budgets[i] for i in idx),
             )
         for row, i in enumerate(idx):  # the batch ran to its largest budget: each row keeps its own

@@ -249,17 +249,11 @@ def prompt_shared_nll(model, samples: list[dict[str, list[int]]], pad_id: int, b
 
 def _shared_batch(model, head, rows: list[tuple], groups: list[list[int]], pad_id: int) -> dict[int, tuple[float, int]]:
     """One batch of :func:`prompt_shared_nll`: a forward of the groups' prompts, then of their answers."""
-    from evals.decoding import decoding_cache
+    from evals.decoding import decoding_cache, left_padded
 
     device = model.device
     prompts = [rows[g[0]][0][: _first_label(list(rows[g[0]][1]))] for g in groups]
-    width = max(map(len, prompts))
-    prompt_ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(groups), width), dtype=torch.long)
-    for g, prompt in enumerate(prompts):  # left padding: every prompt ends in the last column
-        prompt_ids[g, width - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[g, width - len(prompt):] = 1
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_ids, prompt_mask, prompt_position = left_padded(prompts, pad_id, device)  # prompts end in the last column
     members = [r for group in groups for r in group]
     group_of = torch.tensor([g for g, group in enumerate(groups) for _ in group], device=device)
     # answer inputs: the tokens after the prompt but the last (whose prediction nobody reads)
@@ -273,8 +267,8 @@ def _shared_batch(model, head, rows: list[tuple], groups: list[list[int]], pad_i
         return taken[0] if head is not None else upcast(logits)
 
     cache = decoding_cache(model)
-    states = run(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache,
-                 position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+    states = run(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, position_ids=prompt_position,
+                 logits_to_keep=1)
     first = states[:, -1][group_of]  # predicts each answer's first target
     answer_width = max(map(len, answers))
     if answer_width:

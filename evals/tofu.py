@@ -97,6 +97,7 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss); the
     answers to one question share one forward of it (:func:`evals.logprobs.prompt_shared_nll`)."""
     from dataset.data_module import encode_qa
+    from evals.generation import pad_id_of
     from evals.logprobs import prompt_shared_nll
 
     samples = []
@@ -105,8 +106,7 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
         if sample is None:
             raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
         samples.append(sample)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    results = prompt_shared_nll(model, samples, pad_id, batch_size, shard)
+    results = prompt_shared_nll(model, samples, pad_id_of(tokenizer), batch_size, shard)
     return [s for s, _ in results], [n for _, n in results]
 
 
