@@ -39,7 +39,9 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     try:
         main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
+        # under accelerate launch / torchrun every process meets the same mistake: one line per machine
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
         sys.exit(2)
     except KeyboardInterrupt as err:
         print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)  # noqa: T201
@@ -222,25 +224,76 @@ def check_output_free(path: str | os.PathLike, overwrite: bool, flag: str = "--o
 # --------------------------------------------------------------------------- atomic writes
 
 
+RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths in one step
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system
+    or file system cannot (then :func:`replace_folder` falls back to two renames)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def _old_copy(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.old")
+
+
+def recover_folder(dest: str | os.PathLike) -> None:
+    """Undo a kill inside :func:`replace_folder`'s two-rename fallback: when ``dest`` is missing and its previous
+    version still lies aside (``.<name>.old``), put it back. Every writer calls it before it writes ``dest``."""
+    dest = Path(dest)
+    old = _old_copy(dest)
+    if not dest.exists() and old.is_dir():
+        old.rename(dest)
+        logger.warning("%s: restored the previous version (a replacement was interrupted)", dest)
+
+
+def replace_folder(new: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Put the complete folder ``new`` at ``dest`` (on the same file system), replacing what is there.
+
+    A kill at any moment leaves ``dest`` whole, old or new: the two are swapped in one step where the system
+    can (``renameat2``), else the old one is renamed aside before the new one is renamed in, and
+    :func:`recover_folder` puts it back when the second rename never happened. Only then is the old one removed.
+    """
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.replace(new, dest)
+        return
+    if _exchange(new, dest):
+        _remove(new)  # now the old version
+        return
+    old = _old_copy(dest)
+    _remove(old)
+    dest.rename(old)
+    new.rename(dest)
+    _remove(old)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path`` (file or folder).
 
     Nothing appears at ``path`` unless the block finishes, so an interrupted write never leaves a
-    half-written file. An existing folder at ``path`` is replaced only after the new one is complete.
+    half-written file. An existing folder at ``path`` is replaced only after the new one is complete, and in
+    one step (:func:`replace_folder`): a kill never leaves only the temporary copy.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / "out"
     try:
         yield target
         if path.is_dir() and target.is_dir():
-            old = path.with_name(f".{path.name}.old")
-            _remove(old)
-            path.rename(old)
-            target.rename(path)
-            _remove(old)
+            replace_folder(target, path)
         else:
             os.replace(target, path)
     finally:
