@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from dataset.data_module import IGNORE_INDEX
 from evals.shard import SINGLE, Shard
 
-__all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "HeadInput", "fusable_head", "head_input_taken",
-           "head_token_values", "prompt_shared_nll", "qa_batches", "sequence_nll", "shift_labels", "token_nll",
-           "upcast"]
+__all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "HeadInput", "accepts_logits_to_keep", "fusable_head",
+           "gathered", "head_input_taken", "head_token_values", "kept_positions", "position_stats",
+           "prompt_shared_nll", "qa_batches", "sequence_nll", "shift_labels", "token_nll", "upcast", "whole_shape"]
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class HeadInput:
         self.hidden, self.weight = hidden, weight
 
     def size(self, dim: int | None = None):
-        shape = torch.Size((*self.hidden.shape[:-1], self.weight.size(0)))
+        shape = torch.Size((*self.hidden.shape[:-1], whole_shape(self.weight)[0]))
         return shape if dim is None else shape[dim]
 
     def sum(self) -> torch.Tensor:
@@ -69,9 +69,28 @@ class HeadInput:
 FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe"})
 
 
+def whole_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's full shape, also when DeepSpeed ZeRO-3 holds only this process's slice of it (``ds_shape``)."""
+    return torch.Size(getattr(weight, "ds_shape", weight.shape))
+
+
+@contextmanager
+def gathered(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The whole ``weight`` while active: under DeepSpeed ZeRO-3 (a partitioned parameter, ``ds_id``) its slices
+    are gathered from every process (read-only) and released afterwards; any other tensor is itself."""
+    if getattr(weight, "ds_id", None) is None:
+        yield weight
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        yield weight
+
+
 def fusable_head(model: torch.nn.Module | None, inference: bool = False) -> torch.nn.Linear | None:
     """The model's output head when per-token losses may be computed from its input (frozen, bias-free plain
-    ``Linear``, whole on this process, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``.
+    ``Linear``, an architecture in ``FUSABLE_ARCHITECTURES``), else ``None``. Under DeepSpeed ZeRO-3 the head's
+    weight is a slice on each process; the losses gather it whole for their chunks (:func:`gathered`).
     ``inference``: the values are computed without gradients, so a trainable head is fine too."""
     if model is None:
         return None
@@ -79,7 +98,7 @@ def fusable_head(model: torch.nn.Module | None, inference: bool = False) -> torc
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     if (type(head) is not torch.nn.Linear or head.bias is not None or (head.weight.requires_grad and not inference)
-            or head.weight.numel() == 0 or model_type not in FUSABLE_ARCHITECTURES):
+            or whole_shape(head.weight).numel() == 0 or model_type not in FUSABLE_ARCHITECTURES):
         return None
     return head
 
@@ -94,7 +113,9 @@ def head_input_taken(head: torch.nn.Linear) -> Iterator[list[torch.Tensor]]:
         taken.append(args[0])
         return (args[0][..., :1, :], *args[1:])
 
-    handle = head.register_forward_pre_hook(take)
+    # prepended: the input is taken before other pre-hooks (DeepSpeed ZeRO-3 wraps a module's inputs for its
+    # backward bookkeeping; the taken input must bypass the head, whose output no loss reads)
+    handle = head.register_forward_pre_hook(take, prepend=True)
     try:
         yield taken
     finally:
@@ -151,9 +172,58 @@ def head_token_values(head: HeadInput, labels: torch.Tensor, kind: str) -> tuple
     mask = target != IGNORE_INDEX
     flat = head.hidden.reshape(-1, head.hidden.size(-1))
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    values = _HeadTokenValues.apply(flat.index_select(0, rows), head.weight, target.reshape(-1)[rows], kind)
+    with gathered(head.weight) as weight:
+        values = _HeadTokenValues.apply(flat.index_select(0, rows), weight, target.reshape(-1)[rows], kind)
     out = torch.zeros(target.shape, dtype=values.dtype, device=values.device)
     return out.index_put((mask,), values), mask
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (the output head then runs at chosen positions
+    only); older or custom architectures compute every position."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def kept_positions(labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Positions whose logits some loss reads, and the labels re-aligned to them.
+
+    Position p is needed when some row has a label at p + 1. The output head (``hidden x vocab`` per position,
+    the largest matmul of a small model) then runs only there: masked questions and padding cost nothing. The
+    last position is kept as the shift's spare, so the kept logits and the re-aligned labels keep the losses'
+    convention (logit j predicts label j + 1). ``None`` (every position) when nearly all are needed.
+    """
+    needed = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
+    length = labels.size(1)
+    if needed.numel() + 1 >= length:
+        return None, labels
+    keep = torch.cat([needed, needed.new_tensor([length - 1])])
+    spare = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
+    return keep, torch.cat([spare, labels[:, needed + 1]], dim=1)
+
+
+@torch.no_grad()
+def position_stats(rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row (one position each): ``log p(target)``, the mean and standard deviation of ``log p`` under ``p``
+    (Min-K%++'s moments) and the argmax, with ``p = softmax(z)``. ``rows`` are logits ``(N, V)``, or with the
+    head's ``weight`` its input ``(N, H)``; either way only ``HEAD_CHUNK_TOKENS x V`` values exist at a time."""
+    out = [torch.empty(rows.size(0), dtype=torch.float32, device=rows.device) for _ in range(3)]
+    argmax = torch.empty(rows.size(0), dtype=torch.long, device=rows.device)
+    with gathered(weight) if weight is not None else contextlib.nullcontext() as whole:
+        for start in range(0, rows.size(0), HEAD_CHUNK_TOKENS):
+            chunk = slice(start, start + HEAD_CHUNK_TOKENS)
+            z = upcast(rows[chunk] @ whole.t() if whole is not None else rows[chunk]).float()
+            argmax[chunk] = z.argmax(dim=-1)
+            logp = torch.log_softmax(z, dim=-1)
+            out[0][chunk] = logp.gather(1, targets[chunk].unsqueeze(1)).squeeze(1)
+            p = logp.exp()
+            mu = (p * logp).sum(-1)
+            out[1][chunk] = mu
+            out[2][chunk] = ((p * logp.square_()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+    return out[0], out[1], out[2], argmax
 
 
 def token_nll(logits: torch.Tensor | HeadInput, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +248,7 @@ def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: i
     model's device; yields ``(item indices, batch)``, only the batches this process of ``shard`` owns. A
     question that leaves no room for its answer is a :class:`~utils.utils.UserError`."""
     from dataset.data_module import ForgetRetainCollator, encode_qa
+    from utils.loading import pad_id_of
     from utils.utils import UserError
 
     samples = []
@@ -186,8 +257,7 @@ def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: i
         if sample is None:
             raise UserError(f"question longer than {max_length} tokens: {q[:80]!r}")
         samples.append({"x": sample})
-    collate = ForgetRetainCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                   else tokenizer.eos_token_id)
+    collate = ForgetRetainCollator(pad_id_of(tokenizer))
     for number, start in enumerate(range(0, len(samples), batch_size)):
         if not shard.owns(number):
             continue
@@ -237,14 +307,54 @@ def prompt_shared_nll(model, samples: list[dict[str, list[int]]], pad_id: int, b
         else:
             batches.append([group])
 
+    from evals.decoding import decoder_unsupported
+
     head = fusable_head(model, inference=True)
+    # the shared prompt's cache is our decoder's (rows selected in place): other architectures run every sample
+    run_batch = _plain_batch if decoder_unsupported(model) else _shared_batch
     local: dict[int, tuple[float, int]] = {}
     with grouped_kv_attention(model):
         for number, batch in enumerate(batches):
             if shard.owns(number):
-                local.update(_shared_batch(model, head, rows, batch, pad_id))
+                local.update(run_batch(model, head, rows, batch, pad_id))
     values = shard.gather(local, len(rows))
     return [values[r] for r in of_sample]
+
+
+def _sums_and_counts(states: torch.Tensor, target: torch.Tensor, head, members: list[int]
+                     ) -> dict[int, tuple[float, int]]:
+    """Summed NLL and count of each row's counted targets, from logits or (fused) the head's input."""
+    counted = target != IGNORE_INDEX
+    picked = states[counted]
+    if head is not None:
+        with gathered(head.weight) as weight:
+            nll = _HeadTokenValues.apply(picked, weight, target[counted], "nll")
+    else:
+        nll = F.cross_entropy(picked, target[counted], reduction="none")
+    sums = torch.zeros(len(members), dtype=nll.dtype, device=states.device).index_put_(
+        (counted.nonzero()[:, 0],), nll, accumulate=True)
+    counts = counted.sum(dim=1)
+    return {r: (float(s), int(n)) for r, s, n in zip(members, sums.tolist(), counts.tolist(), strict=True)}
+
+
+def _plain_batch(model, head, rows: list[tuple], groups: list[list[int]], pad_id: int) -> dict[int, tuple[float, int]]:
+    """One batch of :func:`prompt_shared_nll` without the shared prompt: every sample in one right-padded forward
+    (for architectures our decoding cache is not tested on)."""
+    device = model.device
+    members = [r for group in groups for r in group]
+    width = max(len(rows[r][0]) for r in members)
+    ids = torch.full((len(members), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(members), width), dtype=torch.long)
+    labels = torch.full((len(members), width), IGNORE_INDEX, dtype=torch.long)
+    for row, r in enumerate(members):
+        tokens, targets = rows[r]
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = 1
+        labels[row, : len(targets)] = torch.tensor(targets, dtype=torch.long)
+    with head_input_taken(head) if head is not None else contextlib.nullcontext() as taken:
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    states = taken[0] if head is not None else upcast(logits)
+    return _sums_and_counts(states, shift_labels(labels.to(device)), head, members)
 
 
 def _shared_batch(model, head, rows: list[tuple], groups: list[list[int]], pad_id: int) -> dict[int, tuple[float, int]]:
@@ -288,14 +398,4 @@ def _shared_batch(model, head, rows: list[tuple], groups: list[list[int]], pad_i
     target = torch.full(by_position.shape[:2], IGNORE_INDEX, dtype=torch.long)
     for row, labels in enumerate(targets):
         target[row, : len(labels)] = torch.tensor(labels, dtype=torch.long)
-    target = target.to(device)
-    counted = target != IGNORE_INDEX
-    picked = by_position[counted]
-    if head is not None:
-        nll = _HeadTokenValues.apply(picked, head.weight, target[counted], "nll")
-    else:
-        nll = F.cross_entropy(picked, target[counted], reduction="none")
-    sums = torch.zeros(len(members), dtype=nll.dtype, device=device).index_put_((counted.nonzero()[:, 0],), nll,
-                                                                               accumulate=True)
-    counts = counted.sum(dim=1)
-    return {r: (float(s), int(n)) for r, s, n in zip(members, sums.tolist(), counts.tolist(), strict=True)}
+    return _sums_and_counts(by_position, target.to(device), head, members)

@@ -80,6 +80,9 @@ def add_unlearn_args(
     train.add_argument("--save_steps", type=int, default=save_steps,
                        help="save a resumable checkpoint every N epochs (epochs, as the original counted them; "
                             "the original's defaults 10 / 100 wrote none in a default run; 0: never)")
+    train.add_argument("--save_total_limit", type=int, default=1,
+                       help="keep only the newest N checkpoint-epoch-* folders (each is resumable; with --lora_r 0 "
+                            "each holds the whole model and its optimizer state); 0 keeps them all")
     bool_arg(train, "--bf16", None, "bfloat16 (default: on when a CUDA GPU supports it)")
     bool_arg(train, "--gradient_checkpointing", False, "recompute activations to save memory")
     bool_arg(train, "--group_by_length", False, "batch items of similar length together (less padding, bs > 1)")

@@ -108,7 +108,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     for flag in ("max_length", "num_epochs", "bs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    for flag in ("lora_r", "ceu_skip_tokens", "rmu_layer"):
+    for flag in ("lora_r", "ceu_skip_tokens", "rmu_layer", "save_total_limit"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be at least 0")
     if needs_hidden(args.loss_type):
@@ -150,19 +150,27 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     return out_dir, template, data
 
 
+def _deepspeed_json() -> dict:
+    """The DeepSpeed JSON file ``accelerate launch`` passes (``deepspeed_config_file``), or {}."""
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if config_file and Path(config_file).is_file():
+        try:
+            config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+            return config if isinstance(config, dict) else {}
+        except ValueError:
+            pass  # DeepSpeed itself reports a malformed file
+    return {}
+
+
 def deepspeed_zero_stage() -> int | None:
     """The ZeRO stage ``accelerate launch`` passes to this process (from its config or a DeepSpeed JSON), or
     ``None`` when not launched with DeepSpeed."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if config_file and Path(config_file).is_file():
-        try:
-            stage = json.loads(Path(config_file).read_text(encoding="utf-8")).get("zero_optimization", {}).get(
-                "stage", stage)
-        except (ValueError, AttributeError):
-            pass  # DeepSpeed itself reports a malformed file
+    zero = _deepspeed_json().get("zero_optimization", {})
+    if isinstance(zero, dict):
+        stage = zero.get("stage", stage)
     try:
         return int(stage) if stage is not None else None
     except ValueError:
@@ -208,12 +216,10 @@ def _in_layers(layers: list[int] | None):
 
 def load_tokenizer(args: argparse.Namespace, template):
     """The model folder's tokenizer (pad = EOS when it has no pad token, as the original)."""
-    from transformers import AutoTokenizer
+    from utils.loading import load_tokenizer as load
+    from utils.loading import trusts_remote_code
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_path,
-                                              trust_remote_code=args.trust_remote_code or template.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load(args.model_path, trust_remote_code=trusts_remote_code(args.trust_remote_code, template))
     missing = missing_tag_tokens(template, tokenizer)
     if missing:
         logger.warning("--model_family %s: the tokenizer of %s has no token %s: the family's chat tags do not "
@@ -222,21 +228,22 @@ def load_tokenizer(args: argparse.Namespace, template):
     return tokenizer
 
 
-def build_model(args: argparse.Namespace, template, bf16: bool):
-    """Load the base model (safetensors only) and wrap it with a fresh LoRA adapter (``--lora_r 0``: return
-    the model itself, every weight trainable, or for RMU only its :func:`trained_layers`)."""
+def build_model(args: argparse.Namespace, template, bf16: bool, deepspeed: bool = False):
+    """Load the base model (:func:`utils.loading.load_model`) and wrap it with a fresh LoRA adapter (``--lora_r 0``:
+    return the model itself, every weight trainable, or for RMU only its :func:`trained_layers`).
+
+    Weights: :func:`utils.loading.weights_dtype` (full fine-tuning in bf16 without DeepSpeed keeps float32 weights
+    under bf16 autocast). Under DeepSpeed ZeRO-3 the run's ``TrainingArguments`` must exist before this call, so
+    that ``from_pretrained`` partitions the weights while it loads (``zero.Init``) instead of every process
+    holding the whole model."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    trust = args.trust_remote_code or template.trust_remote_code
-    kwargs = {"dtype": torch.bfloat16 if bf16 else torch.float32, "trust_remote_code": trust, "use_safetensors": True}
-    if template.attn_implementation:
-        kwargs["attn_implementation"] = template.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model_path, **kwargs)
-    except OSError as err:  # e.g. only pickled *.bin weights: we never unpickle a user's files
-        raise UserError(f"--model_path {args.model_path}: cannot load the model: {err}") from None
+    from utils.loading import load_model, trusts_remote_code, weights_dtype
+
+    model = load_model(args.model_path, dtype=weights_dtype(bf16, args.lora_r == 0, deepspeed), device=None,
+                       trust_remote_code=trusts_remote_code(args.trust_remote_code, template),
+                       attn_implementation=template.attn_implementation, trainable_adapter=True)
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -266,26 +273,47 @@ def build_model(args: argparse.Namespace, template, bf16: bool):
 
 
 def _use_bf16(args: argparse.Namespace) -> bool:
+    """``--bf16``, by default the launch's own mixed precision (``accelerate launch``'s config, e.g.
+    accelerate_config.yaml's bf16) and outside a launch bf16 on a CUDA GPU that supports it. An explicit
+    ``--bf16`` wins over the launch's setting, which is then made to agree (accelerate and DeepSpeed read it)."""
     import torch
 
-    from evals.generation import torch_dtype
+    from utils.loading import resolve_dtype
 
-    if args.bf16 is not None:
-        return args.bf16
-    return torch_dtype("auto") is torch.bfloat16
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if args.bf16 is None:
+        if launched:
+            return launched == "bf16"
+        return resolve_dtype("auto") is torch.bfloat16
+    if launched and (launched == "bf16") != args.bf16:
+        logger.info("--bf16 %s: replaces the launch's mixed_precision %s", args.bf16, launched)
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if args.bf16 else "no"
+    return args.bf16
+
+
+def launch_accumulation() -> int:
+    """The gradient accumulation steps of ``accelerate launch``'s config (its variable, or a DeepSpeed JSON's
+    integer value), else 1."""
+    value = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if value is None or not value.isdigit():
+        value = _deepspeed_json().get("gradient_accumulation_steps")
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 1
 
 
 def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
+    """The run's ``TrainingArguments``. Build them before the model: under DeepSpeed ZeRO-3 they make
+    ``from_pretrained`` partition the weights while loading."""
     import torch
 
     from trainer.unlearn_trainer import UnlearnTrainingArguments
 
-    # Launched as several processes without CUDA: without use_cpu + gloo every process would train
-    # alone (world size 1) and all of them would write the same run folder.
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Without CUDA: use_cpu (else transformers refuses bf16 autocast on CPU), and with several processes gloo
+    # (else every process would train alone, world size 1, all of them writing the same run folder).
+    cpu = not torch.cuda.is_available()
+    cpu_ddp = cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accumulation = args.gradient_accumulation_steps
     if accumulation is None:
-        accumulation = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1"))
+        accumulation = launch_accumulation()
     return UnlearnTrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=args.num_epochs,
@@ -298,6 +326,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
         max_grad_norm=args.max_grad_norm,
         logging_steps=args.logging_steps,
         save_strategy="no",  # checkpoints every --save_steps epochs come from EpochCheckpointCallback
+        save_total_limit=args.save_total_limit,  # counted over our checkpoint-epoch-N folders
         seed=args.seed,
         **({"train_sampling_strategy": "group_by_length"} if args.group_by_length else {}),
         bf16=bf16,
@@ -309,9 +338,53 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         save_only_model=False,
-        use_cpu=cpu_ddp,
+        use_cpu=cpu,
         ddp_backend="gloo" if cpu_ddp else None,
     )
+
+
+# TrainingArguments fields that DeepSpeed's config can contradict -> the option that sets them here
+_OPTION_OF = {"per_device_train_batch_size": "--bs", "gradient_accumulation_steps": "--gradient_accumulation_steps",
+              "train_batch_size (calculated)": "--bs x processes x --gradient_accumulation_steps",
+              "max_grad_norm": "--max_grad_norm", "learning_rate": "--lr", "weight_decay": "--wd",
+              "bf16|bf16_full_eval": "--bf16", "fp16|fp16_full_eval": "fp16 (not an option here)"}
+
+
+def check_deepspeed(training_args, args: argparse.Namespace) -> None:
+    """Under DeepSpeed (``accelerate launch`` with ``distributed_type: DEEPSPEED``), before any model loads: the
+    DeepSpeed values must agree with the arguments (transformers would stop inside ``train()`` with a traceback),
+    and ZeRO-3 must gather the weights to save them (else the adapter is written empty)."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    import re
+
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    probe = HfTrainerDeepSpeedConfig(copy.deepcopy(plugin.deepspeed_config))
+    probe.trainer_config_process(training_args)
+    if probe.mismatches:
+        found = []
+        for line in probe.mismatches:
+            match = re.match(r"- ds (\S+)=(.*) vs hf (.+)=(.*)$", line)
+            if match is None:
+                found.append(line.lstrip("- "))
+                continue
+            key, ds_value, field, value = match.groups()
+            found.append(f"DeepSpeed {key} {ds_value} but {_OPTION_OF.get(field, field)} {value}")
+        raise UserError("the DeepSpeed config of this launch disagrees with the arguments: " + "; ".join(found)
+                        + ". Set those values to auto in the accelerate config (or DeepSpeed JSON), so that they "
+                          "follow the arguments, or change the arguments")
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        if not zero.get("stage3_gather_16bit_weights_on_model_save"):
+            raise UserError("DeepSpeed ZeRO-3 without zero3_save_16bit_model: true (the DeepSpeed key "
+                            "stage3_gather_16bit_weights_on_model_save): each process holds a slice of the weights "
+                            "and the final adapter would be saved empty; set it in the accelerate config")
+        if args.lora_r == 0 and needs_reference(args.loss_type):
+            raise UserError(f"--lora_r 0 with --loss_type {args.loss_type} under DeepSpeed ZeRO-3: the frozen "
+                            "reference copy cannot be made from partitioned weights; use LoRA (the reference is "
+                            "the adapter switched off) or ZeRO-2")
 
 
 def _trim_log(path: Path, last_step: int) -> None:
@@ -337,12 +410,13 @@ def train(args: argparse.Namespace) -> Path:
     out_dir, template, data = validate(args)
     resume = _resolve_resume(args, out_dir)
     bf16 = _use_bf16(args)
+    training_args = build_training_args(args, out_dir, bf16)  # before the model: ZeRO-3 partitions it as it loads
+    check_deepspeed(training_args, args)
     tokenizer = load_tokenizer(args, template)
     dataset = build_dataset(args, tokenizer, template, data)  # all input errors surface before the model loads
-    model = build_model(args, template, bf16)
+    model = build_model(args, template, bf16, deepspeed=training_args.deepspeed_plugin is not None)
     # full fine-tuning has no adapter to switch off: a frozen copy is the reference, made only when read
     ref_model = copy.deepcopy(model) if args.lora_r == 0 and needs_reference(args.loss_type) else None
-    training_args = build_training_args(args, out_dir, bf16)
     per_round = args.bs * training_args.world_size
     if training_args.world_size > 1 and len(dataset) % per_round:
         logger.warning("%d forget items are not a multiple of --bs x processes (%d): each epoch's last step is "
@@ -420,23 +494,46 @@ def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out
 
 
 def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
-    """Save adapter (or whole model) + tokenizer to a temporary folder, then rename it to ``name``."""
+    """Save adapter (or whole model) + tokenizer to a temporary folder, then swap it in as ``name``
+    (:func:`utils.utils.replace_folder`: a kill leaves the previous final folder or the new one, never neither).
+    An adapter saved without weights (ZeRO-3 that did not gather them) is an error, not a finished folder."""
     import shutil
 
+    from utils.utils import recover_folder, replace_folder
+
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
-    if trainer.is_world_process_zero() and tmp.exists():
-        shutil.rmtree(tmp)
+    if trainer.is_world_process_zero():
+        recover_folder(final)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the arguments are in run_args.json
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        logger.info("saved the final adapter to %s", final)
+        empty = empty_weights(tmp)
+        if empty:
+            raise RuntimeError(f"the saved weights in {tmp} are empty ({', '.join(empty[:3])}, ...): nothing was "
+                               "gathered from the processes; the final folder was not written")
+        replace_folder(tmp, final)
+        logger.info("saved the final %s to %s", "model" if name == FULL_DIR else "adapter", final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def empty_weights(folder: Path) -> list[str]:
+    """Names of the weight tensors saved in ``folder`` that hold no value (and ``[]`` when every one has values);
+    a folder with no weight file at all counts as empty."""
+    from safetensors import safe_open
+
+    empty, count = [], 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                count += 1
+                if 0 in fh.get_slice(key).get_shape():
+                    empty.append(key)
+    return empty if count else ["(no weight tensor at all)"]
 
 
 def build_parser(method: str, description: str) -> argparse.ArgumentParser:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -17,8 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from dataset.data_module import IGNORE_INDEX
-from evals.logprobs import HeadInput, fusable_head, head_input_taken
+from evals.logprobs import HeadInput, accepts_logits_to_keep, fusable_head, head_input_taken, kept_positions
 from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
 
 logger = logging.getLogger(__name__)
@@ -72,12 +70,28 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 class UnlearnTrainingArguments(TrainingArguments):
     """``TrainingArguments`` whose warm-up ratio rounds down, as the original scripts' did
-    (``int(warmup_ratio * total_steps)``; transformers rounds up: 30 steps at 0.05 give 1 step, not 2)."""
+    (``int(warmup_ratio * total_steps)``; transformers rounds up: 30 steps at 0.05 give 1 step, not 2), and that
+    never trains one process on several GPUs (``nn.DataParallel``)."""
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         if self.warmup_steps >= 1:
             return int(self.warmup_steps)
         return int(num_training_steps * self.warmup_steps)
+
+    @property
+    def n_gpu(self) -> int:
+        """One device per process. Outside a distributed launch transformers counts every visible GPU and wraps
+        the model in ``nn.DataParallel``, which splits the batch dict's tensors across replicas (the
+        ``logits_to_keep`` index among them) while the head and layer hooks see replica 0 only: a shape error or
+        silently misaligned logits. Several GPUs are for ``accelerate launch``."""
+        count = TrainingArguments.n_gpu.fget(self)
+        if count > 1:
+            if not getattr(self, "_told_one_gpu", False):
+                logger.warning("%d GPUs visible but not launched as several processes: training on one; use "
+                               "accelerate launch (e.g. --config_file accelerate_config.yaml) for all of them", count)
+                self._told_one_gpu = True
+            return 1
+        return count
 
 
 class UnlearnTrainer(Trainer):
@@ -133,10 +147,8 @@ class UnlearnTrainer(Trainer):
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
         unwrapped = self.accelerator.unwrap_model(self.model)
-        base = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         # models without `logits_to_keep` (older or custom architectures) compute every position
-        self.skip_unlabelled_logits = skip_unlabelled_logits and "logits_to_keep" in inspect.signature(
-            base.forward).parameters
+        self.skip_unlabelled_logits = skip_unlabelled_logits and accepts_logits_to_keep(unwrapped)
         # the reference: a frozen copy when every weight trains (made only when a term needs it), else the
         # same weights with the LoRA adapter switched off
         self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False) if ref_model is not None \
@@ -192,22 +204,11 @@ class UnlearnTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def _kept_positions(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Positions whose logits some loss reads, and the labels re-aligned to them.
-
-        Position p is needed when some row has a label at p + 1. The output head (``hidden x vocab`` per
-        position, the largest matmul of a small model) then runs only there: masked questions and padding
-        cost nothing. The last position is kept as the shift's spare, so the kept logits and the
-        re-aligned labels keep the losses' convention (logit j predicts label j + 1).
-        """
+        """Positions whose logits some loss reads, and the labels re-aligned to them
+        (:func:`evals.logprobs.kept_positions`); every position for a model without ``logits_to_keep``."""
         if not self.skip_unlabelled_logits:
             return None, labels
-        needed = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,)
-        length = labels.size(1)
-        if needed.numel() + 1 >= length:
-            return None, labels
-        keep = torch.cat([needed, needed.new_tensor([length - 1])])
-        spare = labels.new_full((labels.size(0), 1), IGNORE_INDEX)
-        return keep, torch.cat([spare, labels[:, needed + 1]], dim=1)
+        return kept_positions(labels)
 
     def _run(self, model, part: dict[str, torch.Tensor], keep, layer: torch.nn.Module | None,
              head: torch.nn.Linear | None = None) -> tuple[torch.Tensor | HeadInput, torch.Tensor | None]:
@@ -351,23 +352,47 @@ class UnlearnTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Save as usual, then rename ``checkpoint-<step>`` to ``checkpoint-epoch-<N>``.
+        """Save as usual, then commit ``checkpoint-<step>`` as ``checkpoint-epoch-<N>`` and rotate
+        (:func:`commit_checkpoint`).
 
-        The rename is the checkpoint's commit: a run killed mid-save leaves no ``checkpoint-epoch-*``
-        folder that ``--resume_from_checkpoint latest`` could pick up half-written.
-        """
+        The rename is the checkpoint's commit: a run killed mid-save leaves no ``checkpoint-epoch-*`` folder that
+        ``--resume_from_checkpoint latest`` could pick up half-written. Every process writes its share of a
+        DeepSpeed checkpoint: the main process commits first; then each other machine's main process commits the
+        folder on its own disk when it is still there (machines without a shared file system)."""
         super()._save_checkpoint(model, trial)
+        step_name = f"checkpoint-{self.state.global_step}"
+        epoch = round(self.state.epoch or 0)
+        run_dir = Path(self.args.output_dir)
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            step_dir = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self.args.process_index == 0:
             if self.dual_weight is not None:
-                (step_dir / DUAL_STATE_FILE).write_text(json.dumps(self.dual_state()), encoding="utf-8")
-            epoch_dir = Path(self.args.output_dir) / f"checkpoint-epoch-{round(self.state.epoch or 0)}"
-            if epoch_dir.exists():
-                shutil.rmtree(epoch_dir)
-            os.replace(step_dir, epoch_dir)
-            logger.info("saved %s", epoch_dir)
+                (run_dir / step_name / DUAL_STATE_FILE).write_text(json.dumps(self.dual_state()), encoding="utf-8")
+            commit_checkpoint(run_dir, step_name, epoch, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+        if self.args.process_index != 0 and self.args.local_process_index == 0 and (run_dir / step_name).is_dir():
+            commit_checkpoint(run_dir, step_name, epoch, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+    def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
+        """transformers' rotation counts ``checkpoint-<step>`` folders; ours are renamed, so
+        :func:`commit_checkpoint` rotates them instead."""
+
+
+def commit_checkpoint(run_dir: Path, step_name: str, epoch: int, keep: int | None) -> Path:
+    """Rename ``run_dir/step_name`` to ``checkpoint-epoch-<epoch>`` (replacing one of that name in one step), then
+    delete the oldest ``checkpoint-epoch-*`` folders beyond the newest ``keep`` (``None`` or 0: keep all)."""
+    from utils.utils import replace_folder
+
+    epoch_dir = run_dir / f"checkpoint-epoch-{epoch}"
+    replace_folder(run_dir / step_name, epoch_dir)
+    logger.info("saved %s", epoch_dir)
+    if keep:
+        found = sorted((int(m.group(1)), child) for child in run_dir.iterdir()
+                       if (m := EPOCH_CHECKPOINT_RE.match(child.name)) and child.is_dir())
+        for _, old in found[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("removed %s (--save_total_limit %d)", old, keep)
+    return epoch_dir
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
