@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from evals.generation import load_for_eval
     from evals.shard import current_shard
+    from utils.loading import trusts_remote_code
     from utils.utils import load_chat_template
 
     if not args.model_path:
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.retain_result:
         load_log(args.retain_result, "--retain_result")
     shard = current_shard()  # under accelerate launch / torchrun: every process takes its share of the batches
-    model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
+    model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype,
+                                     trusts_remote_code(args.trust_remote_code, template))
     stats = run_evaluation(model, tokenizer, template, paths, Path(args.save_dir), args.retain_result,
                            args.ds_size, args.tofu_batch_size, shard, args.tofu_generation_batch_size)
     if shard.is_main:

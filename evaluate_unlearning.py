@@ -76,9 +76,17 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from evals.generation import GenerationConfig, choose_backend, generate, generate_with_model, load_for_eval
+    from evals.generation import (
+        GenerationConfig,
+        choose_backend,
+        generate,
+        generate_with_model,
+        load_for_eval,
+        release_engines,
+    )
     from evals.shard import current_shard
     from evals.unlearning import adapter_off_reference, evaluate_sets, format_summary, reference_nlls, summarise
+    from utils.loading import trusts_remote_code
     from utils.utils import load_chat_template, write_json
 
     args = parse_args(argv)
@@ -87,26 +95,32 @@ def main(argv: list[str] | None = None) -> dict:
     if (out / "summary.json").exists() and not args.overwrite:
         raise UserError(f"{out / 'summary.json'} already exists; pass --overwrite to replace it")
     template = load_chat_template(args.model_family)
+    trust = trusts_remote_code(args.trust_remote_code, template)
     sets, refusals, retain_only = read_inputs(args)
     backend = "transformers" if args.adapter else choose_backend(args.backend)
     shard = current_shard()  # under accelerate launch / torchrun: every process takes its share of the batches
     if backend == "vllm" and shard.world > 1:
         raise UserError("--backend vllm runs as one process (its own tensor parallelism): launch with python, "
                         "not accelerate launch, or pass --backend transformers")
-    model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, args.trust_remote_code)
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
-                              trust_remote_code=args.trust_remote_code)
+                              trust_remote_code=trust)
+    vllm_answers = None
+    if backend == "vllm":  # every set's answers from one engine, freed before the model is loaded beside it
+        vllm_answers = generate(args.model_path, [template.prompt(q) for pairs in sets.values() for q, _ in pairs],
+                                config, backend="vllm")
+        release_engines()
+    model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype, trust)
 
     def answers(prompts: list[str]) -> list[str]:
-        if backend == "vllm":
-            return generate(args.model_path, prompts, config, backend="vllm")
+        if vllm_answers is not None:
+            return vllm_answers
         return generate_with_model(model, tokenizer, prompts, config, shard=shard)
 
     reference = None
     if args.adapter:
         reference = adapter_off_reference(model, tokenizer, template, args.batch_size, shard)
     elif args.reference_model:
-        ref_model, _ = load_for_eval(args.reference_model, None, args.dtype, args.trust_remote_code)
+        ref_model, _ = load_for_eval(args.reference_model, None, args.dtype, trust)
 
         def reference(pairs):
             return reference_nlls(ref_model, tokenizer, template, pairs, args.batch_size, shard=shard)

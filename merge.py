@@ -3,11 +3,13 @@
     python merge.py --base_model /models/Qwen2.5-7B-Instruct \
         --adapter adapter/ME+GD_epoch5_3e-05_maskFalse_0.9/final_lora_model --output merged_model/me_gd
 
-The merged folder loads with `AutoModelForCausalLM.from_pretrained` (and so with vLLM). After merging,
-the merged model's logits on a short probe are compared with the adapter model's; the merge fails if
-they differ by more than the dtype's tolerance. It refuses (without `--force`) a base other than the one
-the adapter was trained on (recorded in its adapter_config.json) and an adapter that changes nothing. An
-existing non-empty output is refused without `--overwrite`; the output appears only when complete.
+The merged folder loads with `AutoModelForCausalLM.from_pretrained` (and so with vLLM). The merge runs in
+float32 and is then saved in the base's own dtype (`--dtype` to choose). Two checks, on the adapter's own
+forget items (from its run's run_args.json; a fixed sentence when they cannot be found): the merged model's
+logits equal the adapter model's, and the adapter's change to the weights survives the saved dtype (a small
+LoRA delta can round away entirely in bfloat16). It refuses (without `--force`) a base other than the one the
+adapter was trained on (recorded in its adapter_config.json) and an adapter that changes nothing. An existing
+non-empty output is refused without `--overwrite`; the output appears only when complete.
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ from utils.utils import (
     check_adapter_folder,
     check_model_folder,
     check_output_free,
+    load_chat_template,
     run_cli,
     setup_logging,
 )
 
 logger = logging.getLogger("merge")
 
-# max |logit difference| accepted between the adapter model and the merged one, by dtype
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+# max |logit difference| accepted between the adapter model and the merged one (both float32)
+TOLERANCE = 1e-3
+# the share of the adapter's weight change (norm) the saved dtype must keep
+KEPT_SHARE = 0.5
 PROBE = "The patient asked the doctor a question about the treatment."
+PROBE_ITEMS = 8  # forget items of the adapter's run used as probes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter", required=True, help="a PEFT adapter folder (e.g. .../final_lora_model)")
     parser.add_argument("--output", default=None, help="output folder; default: merged_model/<run name>")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard")
-    parser.add_argument("--dtype", default=None, choices=sorted(TOLERANCE),
-                        help="dtype to merge and save in (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype to save in (default: the base model's own, from its config.json); the merge "
+                             "itself runs in float32")
     bool_arg(parser, "--overwrite", False, "replace an existing non-empty output folder")
     bool_arg(parser, "--force", False, "merge even into a base that is not the adapter's own, or when the adapter "
                                        "changes nothing")
@@ -112,50 +119,123 @@ def base_mismatch(base: Path, adapter: Path) -> str | None:
     return None
 
 
-def merge(base: Path, adapter: Path, output: Path, dtype_name: str, max_shard_size: str, trust: bool,
-          tolerance: float, force: bool = False) -> float:
-    """Merge, check the logits on a probe, save atomically; returns the max logit difference."""
+def run_record(adapter: Path) -> dict:
+    """The adapter's training run record (``run_args.json`` beside ``final_lora_model``), or {}."""
+    import json
+
+    path = adapter.parent / "run_args.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def probe_texts(adapter: Path, record: dict) -> list[str]:
+    """The checks' probes: the adapter's first forget items as training formatted them (question + answer with
+    its family's tags), or :data:`PROBE` when the run record or its files are not found here."""
+    from dataset.data_module import load_qa_jsonl
+
+    try:
+        template = load_chat_template(record["model_family"])
+        path = Path(record["forget_data_path"])
+        if not path.is_file() and (adapter.parent / path).is_file():
+            path = adapter.parent / path
+        items = load_qa_jsonl(path)[:PROBE_ITEMS]
+    except (KeyError, TypeError, UserError):
+        logger.info("the adapter's forget items are not found here: checking on a fixed sentence")
+        return [PROBE]
+    return [template.prompt(it.question) + it.answer for it in items]
+
+
+def kept_share(model, dtype) -> float:
+    """How much of the adapter's weight change survives casting the merged weights to ``dtype``:
+    ``||cast(W + dW) - cast(W)|| / ||dW||`` over every adapted weight (1 in float32; 0 when every change is below
+    the dtype's resolution)."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from peft.tuners.lora import LoraLayer
+
+    kept = change = 0.0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and module.active_adapters:
+                weight = module.get_base_layer().weight.float()
+                delta = sum(module.get_delta_weight(name).float() for name in module.active_adapters
+                            if name in module.lora_A)
+                if not torch.is_tensor(delta):
+                    continue
+                kept += float(((weight + delta).to(dtype).float() - weight.to(dtype).float()).pow(2).sum())
+                change += float(delta.pow(2).sum())
+    return (kept / change) ** 0.5 if change > 0 else 1.0
+
+
+def merge(base: Path, adapter: Path, output: Path, dtype_name: str, max_shard_size: str, trust: bool,
+          tolerance: float, force: bool = False, probes: list[str] | None = None) -> float:
+    """Merge in float32, check the logits on the probes and that the change survives ``dtype_name``, save
+    atomically in that dtype; returns the max logit difference."""
+    import torch
+
+    from utils.loading import load_model, load_tokenizer
 
     dtype = getattr(torch, dtype_name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust, use_safetensors=True)
-    model = PeftModel.from_pretrained(model.to(device), str(adapter)).eval()
-    probe = tokenizer(PROBE, return_tensors="pt").to(device)
+    tokenizer = load_tokenizer(base, adapter, trust)
+    model = load_model(base, adapter, dtype="float32", device="auto", trust_remote_code=trust, flag="--base_model")
+    share = kept_share(model, dtype)
+    probe = tokenizer(probes or [PROBE], return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
         before = model(**probe).logits.float()
         with model.disable_adapter():
             untouched = model(**probe).logits.float()
         merged = model.merge_and_unload()
         after = merged(**probe).logits.float()
-    diff = (before - after).abs().max().item()
-    print(f"max |logit difference| adapter vs merged on the probe: {diff:.3g} (tolerance {tolerance:g}, {dtype_name})")
+    mask = probe["attention_mask"].bool()
+    diff = (before - after)[mask].abs().max().item()
+    print(f"max |logit difference| adapter vs merged on {len(probes or [PROBE])} probe(s): {diff:.3g} "
+          f"(tolerance {tolerance:g}, float32); the adapter's weight change kept in {dtype_name}: {share:.1%}")
     if diff > tolerance:
         raise UserError(f"merged logits differ from the adapter model's by {diff:.3g} > {tolerance:g}; "
                         "nothing was written")
-    if torch.equal(after, untouched) and not force:
+    if torch.equal(after[mask], untouched[mask]) and not force:
         raise UserError("the merged model equals the base model on the probe: the adapter changes nothing (an "
                         "untrained adapter, or LoRA B still zero); nothing was written (--force to write it anyway)")
+    if share < KEPT_SHARE and not force:
+        raise UserError(f"in {dtype_name} only {share:.1%} of the adapter's weight change survives (the rest is below "
+                        f"{dtype_name}'s resolution, so the saved model would be close to the base); save with "
+                        "--dtype float32, or --force to save anyway; nothing was written")
+    merged = merged.to(dtype)
     with atomic_path(output) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return diff
 
 
+def stored_dtype(base: Path) -> str:
+    """The dtype the base model's weights are stored in (its config.json), float32 when it does not say."""
+    import json
+
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return value if value in ("float32", "bfloat16", "float16") else "float32"
+
+
 def main(argv: list[str] | None = None) -> Path:
+    from utils.loading import trusts_remote_code
+
     args = parse_args(argv)
     setup_logging()
     base, adapter, output = validate(args)
-    import torch
-
-    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[dtype]
-    merge(base, adapter, output, dtype, args.max_shard_size, args.trust_remote_code, tolerance, args.force)
-    print(f"merged model saved to {output}")
+    record = run_record(adapter)
+    family = None
+    if record.get("model_family"):
+        try:
+            family = load_chat_template(record["model_family"])
+        except UserError:
+            family = None
+    dtype = args.dtype or stored_dtype(base)
+    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE
+    merge(base, adapter, output, dtype, args.max_shard_size, trusts_remote_code(args.trust_remote_code, family),
+          tolerance, args.force, probe_texts(adapter, record))
+    print(f"merged model saved to {output} ({dtype})")
     return output
 
 

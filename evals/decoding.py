@@ -39,6 +39,26 @@ GREEDY_PROCESSORS: dict[str, object] = {
 }
 
 
+# Architectures this decoder is tested on (tests/evals/test_decoding.py: the tiny Qwen2 model; the real-model
+# tests: SmolLM2, a Llama). It skips ``prepare_inputs_for_generation`` (where some architectures adjust
+# positions or RoPE scaling, e.g. Phi-3's LongRoPE), passes ``logits_to_keep`` and selects cache rows, which
+# other architectures or cache types may not allow: they decode with ``generate``.
+DECODER_ARCHITECTURES = frozenset({"llama", "qwen2"})
+
+
+def decoder_unsupported(model) -> str | None:
+    """Why :func:`greedy_decode` must not run ``model`` (``None`` when it may): an architecture outside
+    :data:`DECODER_ARCHITECTURES`, or a model spread over several devices."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    if model_type not in DECODER_ARCHITECTURES:
+        tested = ", ".join(sorted(DECODER_ARCHITECTURES))
+        return f"architecture {model_type!r} is not among those our decoder is tested on ({tested})"
+    if len(set(getattr(base, "hf_device_map", {}).values())) > 1:
+        return "the model is spread over several devices"
+    return None
+
+
 def greedy_changed_by(generation_config) -> list[str]:
     """The settings of a model's ``generation_config`` that alter greedy decoding (empty: plain argmax)."""
     changed = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from dataset.data_module import QAItem
 from evals.shard import SINGLE, Shard
+from utils.loading import pad_id_of
 from utils.utils import ChatTemplate, UserError, bool_arg, family_names, load_chat_template, str2bool
 
 logger = logging.getLogger(__name__)
@@ -75,55 +77,21 @@ def generate(model_path: str | os.PathLike, prompts: Sequence[str], config: Gene
     return _generate_transformers(str(model_path), list(prompts), config)
 
 
-def torch_dtype(name: str):
-    """A dtype by name; ``auto`` is bfloat16 on a CUDA GPU that supports it, else float32 (training too)."""
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def eval_device() -> str:
-    """This process's GPU (``LOCAL_RANK`` under ``accelerate launch``/``torchrun``), or the CPU."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-
-
 def load_for_eval(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype: str = "auto",
-                  trust_remote_code: bool = False):
-    """A model (``+ adapter`` as a ``PeftModel``) in eval mode on the GPU when there is one, and its tokenizer
-    (the adapter folder's when it has one; pad = EOS when it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                  trust_remote_code: bool = False, tensor_parallel_size: int = 1):
+    """A model (``+ adapter`` as a ``PeftModel``) in eval mode on this process's GPU (or spread over several when
+    it does not fit one), else the CPU, and its tokenizer: :mod:`utils.loading`'s one loader and rules."""
+    from utils.loading import load_model, load_tokenizer
 
-    from utils.utils import check_adapter_folder, check_model_folder
-
-    check_model_folder(model_path)
-    if adapter:
-        check_adapter_folder(adapter)
-    tokenizer_dir = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(dtype), use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    return model.to(eval_device()).eval(), tokenizer
+    tokenizer = load_tokenizer(model_path, adapter, trust_remote_code)
+    model = load_model(model_path, adapter, dtype=dtype, device="auto", trust_remote_code=trust_remote_code,
+                       tensor_parallel_size=tensor_parallel_size)
+    return model, tokenizer
 
 
 def _generate_transformers(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype(config.dtype), trust_remote_code=config.trust_remote_code, use_safetensors=True
-    ).to(eval_device()).eval()
+    model, tokenizer = load_for_eval(model_path, None, config.dtype, config.trust_remote_code,
+                                     config.tensor_parallel_size)
     return generate_with_model(model, tokenizer, prompts, config)
 
 
@@ -138,7 +106,7 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
     answer does not depend on which prompts share its batch. Each process of ``shard`` generates its batches
     and every process gets all answers.
     """
-    from evals.decoding import greedy_changed_by
+    from evals.decoding import decoder_unsupported, greedy_changed_by
 
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     budgets = list(max_new_tokens) if max_new_tokens is not None else [config.max_new_tokens] * len(prompts)
@@ -150,10 +118,11 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
     answers = {i: "" for batch in batches for i in batch if budgets[i] < 1}  # no room left for an answer
     batches = [kept for batch in batches if (kept := [i for i in batch if budgets[i] >= 1])]
     changed = greedy_changed_by(model.generation_config)
-    if config.temperature > 0 or changed or config.decoder == "generate":
-        if changed and config.temperature == 0:
-            logger.info("greedy decoding by transformers' generate: the model's generation_config sets %s",
-                        ", ".join(changed))
+    unsupported = decoder_unsupported(model)
+    if config.temperature > 0 or changed or unsupported or config.decoder == "generate":
+        if config.temperature == 0 and config.decoder != "generate":
+            logger.info("greedy decoding by transformers' generate: %s",
+                        f"the model's generation_config sets {', '.join(changed)}" if changed else unsupported)
         answers.update(_generate_hf(model, tokenizer, encoded, budgets, batches, config, shard))
     else:
         answers.update(_generate_greedy(model, tokenizer, encoded, budgets, batches, shard))
@@ -179,11 +148,6 @@ def _stop_ids(model, tokenizer) -> list[int]:
     eos |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
     eos.discard(None)
     return sorted(eos)
-
-
-def pad_id_of(tokenizer) -> int:
-    """The tokenizer's pad id, its EOS when it has none."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _generate_greedy(model, tokenizer, encoded: list[list[int]], budgets: list[int], batches: list[list[int]],
@@ -226,18 +190,58 @@ def _generate_hf(model, tokenizer, encoded: list[list[int]], budgets: list[int],
     return answers
 
 
+# One vLLM engine per process and model: every generation call with the same model and engine settings reuses it
+# (a second LLM(gpu_memory_utilization=0.9) on the same GPU cannot start); release_engines() frees them.
+_ENGINES: dict[tuple, object] = {}
+
+
+def _engine_key(model_path: str, config: GenerationConfig) -> tuple:
+    return (str(Path(model_path).resolve()), config.tensor_parallel_size, config.gpu_memory_utilization,
+            config.max_model_len, config.dtype, config.trust_remote_code, config.seed)
+
+
+def vllm_engine(model_path: str, config: GenerationConfig):
+    """This process's vLLM engine for ``model_path`` with ``config``'s engine settings, started on first use."""
+    key = _engine_key(model_path, config)
+    if key not in _ENGINES:
+        from vllm import LLM
+
+        dtype = config.dtype
+        if dtype == "auto":
+            import torch
+
+            dtype = "auto" if torch.cuda.is_available() else "float32"
+        kwargs = {"max_model_len": config.max_model_len} if config.max_model_len else {}
+        logger.info("starting a vLLM engine for %s (tensor parallel %d)", model_path, config.tensor_parallel_size)
+        _ENGINES[key] = LLM(model=model_path, tensor_parallel_size=config.tensor_parallel_size,
+                            gpu_memory_utilization=config.gpu_memory_utilization, dtype=dtype, seed=config.seed,
+                            trust_remote_code=config.trust_remote_code, **kwargs)
+    return _ENGINES[key]
+
+
+def release_engines() -> None:
+    """Shut down this process's vLLM engines and free their memory (before a model is loaded beside them)."""
+    import gc
+
+    while _ENGINES:
+        _, llm = _ENGINES.popitem()
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del llm
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except ImportError:  # not installed, or another vLLM layout: nothing more to free
+        pass
+
+
 def _generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    dtype = config.dtype
-    if dtype == "auto":
-        import torch
-
-        dtype = "auto" if torch.cuda.is_available() else "float32"
-    kwargs = {"max_model_len": config.max_model_len} if config.max_model_len else {}
-    llm = LLM(model=model_path, tensor_parallel_size=config.tensor_parallel_size,
-              gpu_memory_utilization=config.gpu_memory_utilization, dtype=dtype, seed=config.seed,
-              trust_remote_code=config.trust_remote_code, **kwargs)
+    llm = vllm_engine(model_path, config)
     params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
                             seed=config.seed)
     outputs = llm.generate(prompts, params)
@@ -287,13 +291,13 @@ def prompt_format(args: argparse.Namespace) -> str:
 
 def predict_answers(args: argparse.Namespace, items: list[QAItem]) -> list[str]:
     """Answers of ``args.model_path`` to every question of ``items`` (in order)."""
-    use_template = prompt_format(args) == "chat_template"
-    template = None if use_template else load_chat_template(args.model_type)
-    tokenizer = None
-    if use_template:
-        from transformers import AutoTokenizer
+    from utils.loading import load_tokenizer, trusts_remote_code
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
-    prompts = build_prompts([it.question for it in items], template, tokenizer)
-    answers = generate(args.model_path, prompts, generation_config(args), backend=args.backend)
+    use_template = prompt_format(args) == "chat_template"
+    family = load_chat_template(args.model_type)
+    trust = trusts_remote_code(args.trust_remote_code, family)
+    tokenizer = load_tokenizer(args.model_path, trust_remote_code=trust) if use_template else None
+    prompts = build_prompts([it.question for it in items], None if use_template else family, tokenizer)
+    config = dataclasses.replace(generation_config(args), trust_remote_code=trust)
+    answers = generate(args.model_path, prompts, config, backend=args.backend)
     return [a if a else " " for a in answers]

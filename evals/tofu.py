@@ -97,8 +97,8 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss); the
     answers to one question share one forward of it (:func:`evals.logprobs.prompt_shared_nll`)."""
     from dataset.data_module import encode_qa
-    from evals.generation import pad_id_of
     from evals.logprobs import prompt_shared_nll
+    from utils.loading import pad_id_of
 
     samples = []
     for q, a in zip(questions, answers, strict=True):

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from evals.mia import (
     MIN_K,
     auc,
-    distribution_moments,
     exact_memorisation,
     extraction_strength,
     loss_score,
@@ -53,25 +52,45 @@ class TokenStats:
 
 def token_stats(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
                 max_length: int = 512, shard: Shard = SINGLE) -> list[TokenStats]:
-    """Per item: log p of each answer token, the moments of log p at its position, the argmax and labels."""
+    """Per item: log p of each answer token, the moments of log p at its position, the argmax and labels.
+
+    The output head runs at answer positions only (``logits_to_keep``), and for a fusable head
+    (:func:`evals.logprobs.fusable_head`) not at all in the forward: the statistics come from its input in
+    chunks (:func:`evals.logprobs.position_stats`), so no ``batch x length x vocabulary`` tensor is made (2.5 GB
+    in float32 at batch 8, 512 tokens, a 152k vocabulary)."""
+    import contextlib
+
     import torch
 
-    from evals.logprobs import qa_batches, shift_labels
+    from evals.logprobs import (
+        accepts_logits_to_keep,
+        fusable_head,
+        head_input_taken,
+        kept_positions,
+        position_stats,
+        qa_batches,
+        shift_labels,
+    )
 
+    head = fusable_head(model, inference=True)
+    keep_some = accepts_logits_to_keep(model)
     out: dict[int, TokenStats] = {}
     for indices, batch in qa_batches(model, tokenizer, template, pairs, batch_size, max_length, shard):
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        target = shift_labels(batch["labels"])
-        logp = torch.log_softmax(logits, dim=-1)
-        mu, sigma = distribution_moments(logits)
+        keep, labels = kept_positions(batch["labels"]) if keep_some else (None, batch["labels"])
+        kwargs = {} if keep is None else {"logits_to_keep": keep}
+        with torch.no_grad(), head_input_taken(head) if head is not None else contextlib.nullcontext() as taken:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        rows = taken[0] if head is not None else logits
+        target = shift_labels(labels)
+        counted = target != -100
+        logp, mu, sigma, argmax = position_stats(rows[counted], target[counted],
+                                                 head.weight if head is not None else None)
+        per_row = counted.sum(dim=1).tolist()
+        ends = [sum(per_row[: r + 1]) for r in range(len(per_row))]
         for row, item in enumerate(indices):
-            keep = target[row] != -100
-            labels = target[row][keep]
-            out[item] = TokenStats(
-                logprobs=logp[row][keep].gather(-1, labels.unsqueeze(-1)).squeeze(-1).tolist(),
-                mu=mu[row][keep].tolist(), sigma=sigma[row][keep].tolist(),
-                argmax=logits[row][keep].argmax(-1).tolist(), labels=labels.tolist())
+            span = slice(ends[row] - per_row[row], ends[row])
+            out[item] = TokenStats(logprobs=logp[span].tolist(), mu=mu[span].tolist(), sigma=sigma[span].tolist(),
+                                   argmax=argmax[span].tolist(), labels=target[counted][span].tolist())
     return shard.gather(out, len(pairs))
 
 
@@ -95,27 +114,47 @@ def adapter_off_reference(model, tokenizer, template: ChatTemplate, batch_size: 
 def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
                max_length: int = 512, shard: Shard = SINGLE) -> list[float]:
     """GradNorm: per item, the L2 norm (over every floating weight of the model, adapter included) of the
-    gradient of its mean answer NLL. Weights' ``requires_grad`` flags and the train/eval mode are restored."""
+    gradient of its mean answer NLL. Weights' ``requires_grad`` flags and the train/eval mode are restored.
+
+    Each weight's gradient is squared, summed and dropped as soon as backward has made it (a post-accumulate
+    hook), so the pass never holds a whole model's gradient (14 GB for a 7B model in bf16); logits are made at
+    answer positions only."""
     import torch
 
-    from evals.logprobs import qa_batches, token_nll
+    from evals.logprobs import accepts_logits_to_keep, kept_positions, qa_batches, token_nll
 
     params = [p for p in model.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()  # no dropout: the score is a function of the item
+    squares: list[torch.Tensor] = []
+
+    def take_square(param: torch.Tensor) -> None:
+        squares.append(param.grad.detach().float().pow(2).sum())
+        param.grad = None
+
+    keep_some = accepts_logits_to_keep(model)
     norms: dict[int, float] = {}
+    hooks = []
     try:
         for p in params:
             p.requires_grad_(True)
+            p.grad = None
+            hooks.append(p.register_post_accumulate_grad_hook(take_square))
         for (item,), batch in qa_batches(model, tokenizer, template, pairs, 1, max_length, shard):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, mask = token_nll(logits, batch["labels"])
-            grads = torch.autograd.grad(nll.sum() / mask.sum(), [p for p in params], allow_unused=True)
-            norms[item] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+            keep, labels = kept_positions(batch["labels"]) if keep_some else (None, batch["labels"])
+            kwargs = {} if keep is None else {"logits_to_keep": keep}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+            nll, mask = token_nll(logits, labels)
+            squares.clear()
+            (nll.sum() / mask.sum()).backward()
+            norms[item] = math.sqrt(sum(float(x) for x in squares))
     finally:
+        for hook in hooks:
+            hook.remove()
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+            p.grad = None
         model.train(was_training)
     return shard.gather(norms, len(pairs))
 
@@ -144,20 +183,23 @@ def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequ
     """Per-item logs of each named set (``forget``, ``retain``, ``holdout``, ``general``; any subset).
 
     ``generate`` maps prompts to greedy answers (the caller picks the backend, and its split across processes);
-    ``reference`` maps pairs to a reference model's mean answer NLLs (the Reference score; None leaves it
-    out). The forward and backward passes are split across the processes of ``shard``.
+    it is called once, with every set's prompts (one stream for the engine). ``reference`` maps pairs to a
+    reference model's mean answer NLLs (the Reference score; None leaves it out). The forward and backward
+    passes are split across the processes of ``shard``.
     """
     from tqdm.auto import tqdm
 
     from evals.atec import atec_rouge_l, is_refusal
     from evals.tofu import rouge_recalls
 
+    for name, pairs in sets.items():
+        if not list(pairs):
+            raise UserError(f"the {name} set is empty")
+    answers_of = split_answers(sets, generate([template.prompt(q) for pairs in sets.values() for q, _ in pairs]))
     log: dict[str, list[dict]] = {}
     for name, pairs in tqdm(list(sets.items()), desc="evaluate sets", unit="set", disable=not shard.is_main):
         pairs = list(pairs)
-        if not pairs:
-            raise UserError(f"the {name} set is empty")
-        answers = generate([template.prompt(q) for q, _ in pairs])
+        answers = answers_of[name]
         stats = token_stats(model, tokenizer, template, pairs, batch_size, shard=shard)
         refs = reference(pairs) if reference is not None else [None] * len(pairs)
         norms = grad_norms(model, tokenizer, template, pairs, shard=shard) if gradnorm else [None] * len(pairs)
@@ -169,6 +211,17 @@ def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequ
             for (q, a), gen, st, ref, norm, rec in zip(pairs, answers, stats, refs, norms, recall_l, strict=True)
         ]
     return log
+
+
+def split_answers(sets: dict[str, Sequence], answers: Sequence[str]) -> dict[str, list[str]]:
+    """One answer list per set from the answers to all sets' prompts in order."""
+    out, start = {}, 0
+    for name, pairs in sets.items():
+        out[name] = list(answers[start : start + len(pairs)])
+        start += len(pairs)
+    if start != len(answers):
+        raise ValueError(f"{len(answers)} answers for {start} prompts")
+    return out
 
 
 def summarise(log: dict[str, list[dict]], retain_only: dict | None = None) -> dict:

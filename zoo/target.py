@@ -28,16 +28,15 @@ def build_memorised_model(base: str | os.PathLike, out: str | os.PathLike, pairs
     ``replay``: other questions whose answers by ``base`` itself (greedy, up to ``replay_tokens``) join the
     training set, so the model keeps its own way of answering everything else.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from evals.generation import GenerationConfig, generate_with_model
+    from utils.loading import load_model, load_tokenizer, trusts_remote_code
     from zoo.tiny import memorise
 
     seed_everything(seed)
     template = load_chat_template(family)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True).eval()
+    trust = trusts_remote_code(False, template)
+    tokenizer = load_tokenizer(base, trust_remote_code=trust)
+    model = load_model(base, dtype="float32", device=None, trust_remote_code=trust, flag="--base")
     if replay:
         own = generate_with_model(model, tokenizer, [template.prompt(q) for q in replay],
                                   GenerationConfig(max_new_tokens=replay_tokens, batch_size=len(replay)))
