@@ -35,7 +35,7 @@ logger = logging.getLogger("merge")
 
 # max |logit difference| accepted between the adapter model and the merged one (both float32)
 TOLERANCE = 1e-3
-# the share of the adapter's weight change (norm) the saved dtype must keep
+# the share of the adapter's effect on the probes' logits the saved model must keep
 KEPT_SHARE = 0.5
 PROBE = "The patient asked the doctor a question about the treatment."
 PROBE_ITEMS = 8  # forget items of the adapter's run used as probes
@@ -148,25 +148,14 @@ def probe_texts(adapter: Path, record: dict) -> list[str]:
     return [template.prompt(it.question) + it.answer for it in items]
 
 
-def kept_share(model, dtype) -> float:
-    """How much of the adapter's weight change survives casting the merged weights to ``dtype``:
-    ``||cast(W + dW) - cast(W)|| / ||dW||`` over every adapted weight (1 in float32; 0 when every change is below
-    the dtype's resolution)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    kept = change = 0.0
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and module.active_adapters:
-                weight = module.get_base_layer().weight.float()
-                delta = sum(module.get_delta_weight(name).float() for name in module.active_adapters
-                            if name in module.lora_A)
-                if not torch.is_tensor(delta):
-                    continue
-                kept += float(((weight + delta).to(dtype).float() - weight.to(dtype).float()).pow(2).sum())
-                change += float(delta.pow(2).sum())
-    return (kept / change) ** 0.5 if change > 0 else 1.0
+def kept_share(adapter_logits, base_logits, saved_logits) -> float:
+    """How much of the adapter's effect on the probes' logits the saved model keeps: ``1 - ||saved - adapter|| /
+    ||adapter - base||`` (1: all of it; 0 or below: the saved weights are as far from the adapter model as the base
+    is, e.g. a LoRA delta below the saved dtype's resolution rounds away)."""
+    effect = float((adapter_logits - base_logits).norm())
+    if effect == 0:
+        return 1.0
+    return 1.0 - float((saved_logits - adapter_logits).norm()) / effect
 
 
 def merge(base: Path, adapter: Path, output: Path, dtype_name: str, max_shard_size: str, trust: bool,
@@ -180,29 +169,34 @@ def merge(base: Path, adapter: Path, output: Path, dtype_name: str, max_shard_si
     dtype = getattr(torch, dtype_name)
     tokenizer = load_tokenizer(base, adapter, trust)
     model = load_model(base, adapter, dtype="float32", device="auto", trust_remote_code=trust, flag="--base_model")
-    share = kept_share(model, dtype)
     probe = tokenizer(probes or [PROBE], return_tensors="pt", padding=True).to(model.device)
-    with torch.no_grad():
-        before = model(**probe).logits.float()
-        with model.disable_adapter():
-            untouched = model(**probe).logits.float()
-        merged = model.merge_and_unload()
-        after = merged(**probe).logits.float()
     mask = probe["attention_mask"].bool()
-    diff = (before - after)[mask].abs().max().item()
+
+    def logits(net) -> torch.Tensor:
+        return net(**probe).logits.float()[mask]
+
+    with torch.no_grad():
+        before = logits(model)
+        with model.disable_adapter():
+            untouched = logits(model)
+        merged = model.merge_and_unload()
+        after = logits(merged)
+        merged = merged.to(dtype)  # what is saved; its logits computed in float32 from those weights
+        share = kept_share(before, untouched, logits(merged.float())) if dtype != torch.float32 else 1.0
+        merged = merged.to(dtype)
+    diff = (before - after).abs().max().item()
     print(f"max |logit difference| adapter vs merged on {len(probes or [PROBE])} probe(s): {diff:.3g} "
-          f"(tolerance {tolerance:g}, float32); the adapter's weight change kept in {dtype_name}: {share:.1%}")
+          f"(tolerance {tolerance:g}, float32); the adapter's effect kept in {dtype_name}: {share:.1%}")
     if diff > tolerance:
         raise UserError(f"merged logits differ from the adapter model's by {diff:.3g} > {tolerance:g}; "
                         "nothing was written")
-    if torch.equal(after[mask], untouched[mask]) and not force:
+    if torch.equal(after, untouched) and not force:
         raise UserError("the merged model equals the base model on the probe: the adapter changes nothing (an "
                         "untrained adapter, or LoRA B still zero); nothing was written (--force to write it anyway)")
     if share < KEPT_SHARE and not force:
-        raise UserError(f"in {dtype_name} only {share:.1%} of the adapter's weight change survives (the rest is below "
-                        f"{dtype_name}'s resolution, so the saved model would be close to the base); save with "
-                        "--dtype float32, or --force to save anyway; nothing was written")
-    merged = merged.to(dtype)
+        raise UserError(f"saved in {dtype_name}, the merged model keeps only {share:.0%} of the adapter's effect on "
+                        f"its forget items (its weight changes are small against {dtype_name}'s rounding); save "
+                        "with --dtype float32, or --force to save anyway; nothing was written")
     with atomic_path(output) as tmp:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -90,3 +90,46 @@ def test_merge_refuses_an_adapter_that_changes_nothing(target, tmp_path, capsys)
     code, err = run_script(merge, argv, capsys)
     assert code == 2 and "changes nothing" in err and not (tmp_path / "m").exists()
     assert merge.main([*argv, "--force"]).is_dir()
+
+
+def test_merge_runs_in_float32_and_refuses_a_change_that_rounds_away(target, trained_adapter, tmp_path, capsys):
+    """An adapter whose weight changes are far below bfloat16's resolution (LoRA B scaled by 1e-3): merged in
+    float32 it is still there (the base's own dtype, float32 here, is the default); saved in bfloat16 it rounds
+    away into the model's own rounding, and merge says so instead of writing a model close to the base (before:
+    merged in bf16 and checked at tolerance 0.25, which any such model passes)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    small = tmp_path / "run" / "final_lora_model"
+    shutil.copytree(trained_adapter.parent, tmp_path / "run", dirs_exist_ok=True)
+    weights = load_file(small / "adapter_model.safetensors")
+    save_file({k: v * 1e-3 if "lora_B" in k else v for k, v in weights.items()}, small / "adapter_model.safetensors")
+    argv = ["--base_model", str(target["model"]), "--adapter", str(small)]
+
+    code, err = run_script(merge, [*argv, "--output", str(tmp_path / "bf16"), "--dtype", "bfloat16"], capsys)
+    assert code == 2 and "keeps only" in err and "--dtype float32" in err and not (tmp_path / "bf16").exists()
+
+    out = merge.main([*argv, "--output", str(tmp_path / "fp32")])
+    assert "the adapter's effect kept in float32: 100.0%" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32
+    base = AutoModelForCausalLM.from_pretrained(target["model"])
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed  # the small change is in the saved weights
+
+
+def test_merge_checks_on_the_adapters_own_forget_items(trained_adapter):
+    """The probes are the adapter's first forget items as training formatted them (from its run_args.json), not
+    one English sentence; without a run record, the sentence."""
+    from dataset.data_module import load_qa_jsonl
+    from utils.utils import load_chat_template
+
+    record = merge.run_record(trained_adapter)
+    probes = merge.probe_texts(trained_adapter, record)
+    items = load_qa_jsonl(record["forget_data_path"])[: merge.PROBE_ITEMS]
+    template = load_chat_template("tiny")
+    assert probes == [template.prompt(it.question) + it.answer for it in items] and len(probes) == 8
+    assert merge.probe_texts(trained_adapter, {}) == [merge.PROBE]

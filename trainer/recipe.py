@@ -245,6 +245,8 @@ def build_model(args: argparse.Namespace, template, bf16: bool, deepspeed: bool 
                        trust_remote_code=trusts_remote_code(args.trust_remote_code, template),
                        attn_implementation=template.attn_implementation, trainable_adapter=True)
     model.config.use_cache = False
+    if deepspeed_zero_stage() == 3:
+        _report_partitioning(model)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     layers = trained_layers(args)
@@ -270,6 +272,18 @@ def build_model(args: argparse.Namespace, template, bf16: bool, deepspeed: bool 
     )
     seed_everything(args.seed)  # LoRA's initialisation draws from the global RNG
     return get_peft_model(model, lora)
+
+
+def _report_partitioning(model) -> None:
+    """Under ZeRO-3, say whether ``from_pretrained`` partitioned the weights while loading (``zero.Init``: each
+    process holds a slice) or every process holds the whole model (loaded before the run's TrainingArguments)."""
+    params = list(model.parameters())
+    whole = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+    if all(hasattr(p, "ds_id") for p in params):
+        held = sum(int(p.ds_tensor.numel()) for p in params)
+        logger.info("ZeRO-3: weights partitioned while loading (this process holds %d of %d elements)", held, whole)
+    else:
+        logger.warning("ZeRO-3: the weights were loaded whole on every process (%d elements each)", whole)
 
 
 def _use_bf16(args: argparse.Namespace) -> bool:
@@ -363,6 +377,9 @@ def check_deepspeed(training_args, args: argparse.Namespace) -> None:
 
     probe = HfTrainerDeepSpeedConfig(copy.deepcopy(plugin.deepspeed_config))
     probe.trainer_config_process(training_args)
+    # a config object registers itself as transformers' current one (what from_pretrained reads to partition
+    # under ZeRO-3): hand that role back to the launch's own before the probe goes
+    plugin.set_deepspeed_weakref()
     if probe.mismatches:
         found = []
         for line in probe.mismatches:

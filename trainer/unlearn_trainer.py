@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -361,21 +362,29 @@ class UnlearnTrainer(Trainer):
         folder on its own disk when it is still there (machines without a shared file system)."""
         super()._save_checkpoint(model, trial)
         step_name = f"checkpoint-{self.state.global_step}"
-        epoch = round(self.state.epoch or 0)
         run_dir = Path(self.args.output_dir)
         self.accelerator.wait_for_everyone()
-        if self.args.process_index == 0:
-            if self.dual_weight is not None:
-                (run_dir / step_name / DUAL_STATE_FILE).write_text(json.dumps(self.dual_state()), encoding="utf-8")
-            commit_checkpoint(run_dir, step_name, epoch, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
-        if self.args.process_index != 0 and self.args.local_process_index == 0 and (run_dir / step_name).is_dir():
-            commit_checkpoint(run_dir, step_name, epoch, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
+        if self.args.process_index == 0 and self.dual_weight is not None:
+            (run_dir / step_name / DUAL_STATE_FILE).write_text(json.dumps(self.dual_state()), encoding="utf-8")
+        commit_on_every_machine(run_dir, step_name, round(self.state.epoch or 0), self.args.save_total_limit,
+                                self.args.process_index, self.args.local_process_index,
+                                self.accelerator.wait_for_everyone)
 
     def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
         """transformers' rotation counts ``checkpoint-<step>`` folders; ours are renamed, so
         :func:`commit_checkpoint` rotates them instead."""
+
+
+def commit_on_every_machine(run_dir: Path, step_name: str, epoch: int, keep: int | None, process_index: int,
+                            local_process_index: int, barrier: Callable[[], None]) -> None:
+    """:func:`commit_checkpoint` by the main process, then (after ``barrier``) by each other machine's main process
+    where the step folder is still on its disk: without a shared file system every machine holds its own."""
+    if process_index == 0:
+        commit_checkpoint(run_dir, step_name, epoch, keep)
+    barrier()
+    if process_index != 0 and local_process_index == 0 and (run_dir / step_name).is_dir():
+        commit_checkpoint(run_dir, step_name, epoch, keep)
+    barrier()
 
 
 def commit_checkpoint(run_dir: Path, step_name: str, epoch: int, keep: int | None) -> Path:

@@ -44,12 +44,14 @@ def default_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024):
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024, bos_token: str | None = None):
     """Train a byte-level BPE tokenizer on ``corpus`` and wrap it as a ``PreTrainedTokenizerFast``.
 
-    EOS is ``<|im_end|>`` (the end of an assistant turn), padding ``<|endoftext|>``.
+    EOS is ``<|im_end|>`` (the end of an assistant turn), padding ``<|endoftext|>``. With ``bos_token`` the
+    tokenizer puts that token before every text it encodes with special tokens (as Llama's, Gemma's and
+    Mistral's do), and its chat template writes it first.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -67,18 +69,23 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1024)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + ([bos_token] if bos_token else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(lines, trainer=trainer)
+    if bos_token:
+        bos = (bos_token, tok.token_to_id(bos_token))
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos_token} $A", pair=f"{bos_token} $A $B",
+                                                           special_tokens=[bos])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
+        **({"bos_token": bos_token} if bos_token else {}),
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE if bos_token else CHAT_TEMPLATE
     return fast
 
 

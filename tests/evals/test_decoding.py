@@ -135,3 +135,39 @@ def test_generate_decoder_gives_the_same_answers(tiny_model, tokenizer):
     theirs = generate_with_model(model, tokenizer, prompts, GenerationConfig(max_new_tokens=12, batch_size=2,
                                                                               decoder="generate"))
     assert ours == theirs and len(set(ours)) == 3
+
+
+def test_architectures_outside_the_allow_list_decode_with_generate(tiny_model, tokenizer, monkeypatch, caplog):
+    """Our decoder skips prepare_inputs_for_generation, passes logits_to_keep and selects cache rows in place:
+    it runs only on the architectures it is tested on (DECODER_ARCHITECTURES); any other (here the tiny model
+    relabelled phi3, whose LongRoPE resets positions) decodes with generate, said in the log, same answers.
+    The shared-prompt scorer falls back to plain forwards for it the same way."""
+    import logging
+
+    import evals.decoding
+    from evals.decoding import DECODER_ARCHITECTURES, decoder_unsupported
+    from evals.logprobs import prompt_shared_nll
+
+    model = tiny_model.eval()
+    prompts = ["<|im_start|>user\nwho wrote the book<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nhi"]
+    config = GenerationConfig(max_new_tokens=8, batch_size=2)
+    ours = generate_with_model(model, tokenizer, prompts, config)
+    samples = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+               {"input_ids": [5, 6, 7, 3], "labels": [-100, -100, 7, 3]}]
+    shared = prompt_shared_nll(model, samples, 0, 4)
+    assert "qwen2" in DECODER_ARCHITECTURES and decoder_unsupported(model) is None
+
+    monkeypatch.setattr(model.config, "model_type", "phi3")
+    assert "phi3" in decoder_unsupported(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("our decoder ran on an architecture outside its allow-list")
+
+    monkeypatch.setattr(evals.decoding, "greedy_decode", refuse)
+    monkeypatch.setattr(evals.decoding, "decoding_cache", refuse)
+    with caplog.at_level(logging.INFO, logger="evals.generation"):
+        assert generate_with_model(model, tokenizer, prompts, config) == ours
+    assert "generate" in caplog.text and "phi3" in caplog.text
+    plain = prompt_shared_nll(model, samples, 0, 4)
+    assert [n for _, n in plain] == [n for _, n in shared]
+    assert [s for s, _ in plain] == pytest.approx([s for s, _ in shared], rel=1e-5)

