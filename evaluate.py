@@ -68,7 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     judge.add_argument("--judge_max_tokens", type=int, default=8192,
                        help="longest judge reply in tokens (the competition's 8192: a thinking judge cut off "
                             "before </think> scores a tie)")
-    judge.add_argument("--temperature", type=float, default=0.6, help="judge sampling temperature")
+    judge.add_argument("--temperature", type=float, default=0.6, help="judge sampling temperature (the competition's)")
+    judge.add_argument("--top_p", type=float, default=None,
+                       help="judge nucleus sampling; default: the judge model's generation_config (as the "
+                            "competition's engine filled it: Qwen3-8B's 0.95)")
+    judge.add_argument("--top_k", type=int, default=None,
+                       help="judge top-k sampling; default: the judge model's generation_config (Qwen3-8B's 20)")
+    judge.add_argument("--repetition_penalty", type=float, default=None,
+                       help="judge repetition penalty; default: the judge model's generation_config (else 1)")
     judge.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs for the judge (vLLM)")
     judge.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM's share of GPU memory")
     judge.add_argument("--max_model_len", type=int, default=None, help="vLLM context length")
@@ -110,7 +117,8 @@ def judge_verdicts(args: argparse.Namespace, prompt: str, questions: list[str], 
     else:
         logger.warning("the judge's tokenizer has no chat template: the prompts are sent as plain text")
         prompts = texts
-    config = GenerationConfig(max_new_tokens=args.judge_max_tokens, temperature=args.temperature,
+    config = GenerationConfig(max_new_tokens=args.judge_max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                               batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
                               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                               trust_remote_code=args.trust_remote_code, seed=args.seed)

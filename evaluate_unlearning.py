@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=64, help="greedy answer length")
     parser.add_argument("--batch_size", type=int, default=8, help="generation and scoring batch size")
     parser.add_argument("--min_k", type=float, default=0.4, help="k of Min-K%% and Min-K%%++")
+    bool_arg(parser, "--count_last_label", False,
+             "count each answer's last label (its EOS) in Min-K%%, Min-K%%++, GradNorm, EM and ES (open-unlearning "
+             "leaves it out; LOSS, ZLib and Reference always count it)")
+    parser.add_argument("--gradnorm_reduction", default="tensor_mean", choices=["tensor_mean", "global"],
+                        help="GradNorm over the weight tensors: the mean of their gradient norms (open-unlearning) "
+                             "or the norm of the whole gradient")
     parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"],
                         help="generation backend (vLLM only without --adapter; auto: vLLM with a CUDA GPU)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_for_eval,
         release_engines,
     )
+    from evals.mia import MiaOptions
     from evals.shard import current_shard
     from evals.unlearning import adapter_off_reference, evaluate_sets, format_summary, reference_nlls, summarise
     from utils.loading import trusts_remote_code
@@ -126,9 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
             return reference_nlls(ref_model, tokenizer, template, pairs, args.batch_size, shard=shard)
 
     log = evaluate_sets(model, tokenizer, template, sets, refusals, answers, reference, args.gradnorm,
-                        args.batch_size, args.min_k, shard)
+                        args.batch_size, MiaOptions(args.min_k, args.count_last_label, args.gradnorm_reduction),
+                        shard)
     summary = summarise(log, retain_only)
-    summary["model"] = {"model_path": args.model_path, "adapter": args.adapter, "min_k": args.min_k}
+    summary["model"] = {"model_path": args.model_path, "adapter": args.adapter, "min_k": args.min_k,
+                        "count_last_label": args.count_last_label, "gradnorm_reduction": args.gradnorm_reduction}
     if not shard.is_main:  # every process holds the whole log; one writes it
         return summary
     out.mkdir(parents=True, exist_ok=True)

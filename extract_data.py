@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bool_arg(parser, "--overwrite", False, "replace existing --forget_out_path / --retain_out_path files")
     bool_arg(parser, "--predict", False, "generate --user_out_path first with --model_path")
     parser.add_argument("--model_path", default=None, help="model folder for --predict")
-    add_generation_args(parser, max_new_tokens=512)
+    add_generation_args(parser)  # 2,048 new tokens, as predict_demo.py and the competition
     return parser.parse_args(argv)
 
 

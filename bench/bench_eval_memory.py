@@ -121,6 +121,7 @@ def peak_mb(device: str) -> float:
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from evals.mia import MiaOptions
     from evals.unlearning import grad_norms, token_stats
     from utils.loading import load_model, load_tokenizer
     from utils.utils import load_chat_template
@@ -142,7 +143,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     elif args.worker == "gradnorm_whole":
         values = whole_gradient_norms(model, tokenizer, template, pairs)
     else:
-        values = grad_norms(model, tokenizer, template, pairs, max_length=4 * 512)
+        values = grad_norms(model, tokenizer, template, pairs, max_length=4 * 512,
+                            options=MiaOptions(keep_last=True, gradnorm_reduction="global"))  # as the earlier path
     seconds = time.perf_counter() - start
     return {"path": args.worker, "device": device, "peak_mb": peak_mb(device) - base, "seconds": seconds,
             "values": values, "params": sum(p.numel() for p in model.parameters())}

@@ -155,6 +155,14 @@ def load_lines(path: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------- tokenising
 
 
+def encode_text(tokenizer, text: str, **kwargs) -> list[int]:
+    """``text``'s token ids with the tokenizer's special tokens (a BOS where the tokenizer adds one), unless the text
+    already starts with its BOS token (a rendered chat template writes it): one BOS either way."""
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=special, **kwargs)["input_ids"]
+
+
 def encode_qa(
     tokenizer,
     template: ChatTemplate,
@@ -179,7 +187,9 @@ def encode_qa(
         ``{"input_ids", "labels"}`` (lists of equal length), or ``None`` if truncation left no answer token.
     """
     prompt = template.prompt(question)
-    enc = tokenizer(prompt + answer, add_special_tokens=True, return_offsets_mapping=True)
+    bos = getattr(tokenizer, "bos_token", None)  # one BOS: the tokenizer's, unless the tags already write it
+    enc = tokenizer(prompt + answer, add_special_tokens=not (bos and prompt.startswith(bos)),
+                    return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
     boundary = len(prompt)

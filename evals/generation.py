@@ -23,11 +23,15 @@ BACKENDS = ("auto", "vllm", "transformers")
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate: greedy when ``temperature == 0``."""
+    """How to generate. The sampling fields left ``None`` come from the model's own ``generation_config.json``
+    (as the competition's inference engine filled them: :func:`sampling_settings`); greedy when the temperature is
+    0 (a repetition penalty, from the model or given, still applies)."""
 
     max_new_tokens: int = 2048
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float | None = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     batch_size: int = 16
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -36,6 +40,46 @@ class GenerationConfig:
     trust_remote_code: bool = False
     seed: int = 0
     decoder: str = "auto"  # transformers backend, greedy: "auto" = evals.decoding; "generate" = transformers' own
+
+
+# What a sampling field is when neither the caller nor the model's generation_config sets it (no top-k: 0)
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def sampling_settings(model_config, config: GenerationConfig) -> dict[str, float]:
+    """The sampling settings both backends use: each field the caller set (not ``None``), else the model's
+    ``generation_config`` value, else :data:`SAMPLING_DEFAULTS`. The competition generated through ms-swift's
+    vLLM engine, which filled its request's ``None`` fields from the model's generation_config.json the same way:
+    predictions on a Qwen2.5-Instruct model ran greedy with its repetition penalty 1.05, and the Qwen3-8B judge
+    sampled at T 0.6 with its top_k 20 and top_p 0.95. ``model_config``: a transformers ``GenerationConfig`` or
+    ``None``."""
+    out = {}
+    for name, default in SAMPLING_DEFAULTS.items():
+        value = getattr(config, name)
+        if value is None and model_config is not None:
+            value = getattr(model_config, name, None)
+        out[name] = default if value is None else value
+    out["top_k"] = int(out["top_k"] or 0)
+    return out
+
+
+def model_generation_config(model_path: str | os.PathLike):
+    """The model folder's ``generation_config.json`` as transformers reads it, or ``None``."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    try:
+        return HFGenerationConfig.from_pretrained(model_path)
+    except OSError:
+        return None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt, with the tokenizer's special tokens unless the text already starts with its BOS
+    (a rendered chat template: Llama, Gemma and Mistral templates write the BOS themselves; tokenising it again
+    with special tokens gives two)."""
+    from dataset.data_module import encode_text
+
+    return [encode_text(tokenizer, p) for p in prompts]
 
 
 def vllm_available() -> bool:
@@ -108,7 +152,7 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
     """
     from evals.decoding import decoder_unsupported, greedy_changed_by
 
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = encode_prompts(tokenizer, prompts)
     budgets = list(max_new_tokens) if max_new_tokens is not None else [config.max_new_tokens] * len(prompts)
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
@@ -117,13 +161,16 @@ def generate_with_model(model, tokenizer, prompts: Sequence[str], config: Genera
                if shard.owns(b)]
     answers = {i: "" for batch in batches for i in batch if budgets[i] < 1}  # no room left for an answer
     batches = [kept for batch in batches if (kept := [i for i in batch if budgets[i] >= 1])]
-    changed = greedy_changed_by(model.generation_config)
+    settings = sampling_settings(model.generation_config, config)
+    changed = [c for c in greedy_changed_by(model.generation_config) if c != "repetition_penalty"]
+    if settings["repetition_penalty"] != 1.0:
+        changed.append("repetition_penalty")
     unsupported = decoder_unsupported(model)
-    if config.temperature > 0 or changed or unsupported or config.decoder == "generate":
-        if config.temperature == 0 and config.decoder != "generate":
+    if settings["temperature"] > 0 or changed or unsupported or config.decoder == "generate":
+        if settings["temperature"] == 0 and config.decoder != "generate":
             logger.info("greedy decoding by transformers' generate: %s",
-                        f"the model's generation_config sets {', '.join(changed)}" if changed else unsupported)
-        answers.update(_generate_hf(model, tokenizer, encoded, budgets, batches, config, shard))
+                        f"the settings include {', '.join(changed)}" if changed else unsupported)
+        answers.update(_generate_hf(model, tokenizer, encoded, budgets, batches, settings, config.seed, shard))
     else:
         answers.update(_generate_greedy(model, tokenizer, encoded, budgets, batches, shard))
     return shard.gather(answers, len(prompts))
@@ -133,7 +180,7 @@ def budgets_by_batch_width(tokenizer, prompts: Sequence[str], max_length: int, b
     """New-token budgets as transformers' ``generate(max_length=...)`` gives them to ``prompts`` batched
     ``batch_size`` at a time in this order: ``max_length`` minus the padded width of the prompt's batch (a
     short prompt next to a long one gets fewer tokens). TOFU's evaluation generates this way."""
-    lengths = [len(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, prompts)]
     budgets = []
     for start in range(0, len(lengths), batch_size):
         width = max(lengths[start : start + batch_size])
@@ -164,16 +211,16 @@ def _generate_greedy(model, tokenizer, encoded: list[list[int]], budgets: list[i
 
 
 def _generate_hf(model, tokenizer, encoded: list[list[int]], budgets: list[int], batches: list[list[int]],
-                 config: GenerationConfig, shard: Shard) -> dict[int, str]:
+                 settings: dict[str, float], seed: int, shard: Shard) -> dict[int, str]:
     import torch
     from tqdm.auto import tqdm
 
     from evals.decoding import left_padded
 
     pad_id, stop = pad_id_of(tokenizer), _stop_ids(model, tokenizer)
-    sampling = config.temperature > 0
+    sampling = settings["temperature"] > 0
     if sampling:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
     answers: dict[int, str] = {}
     for idx in tqdm(batches, desc="generate", unit="batch", disable=not shard.is_main):
         input_ids, attention, _ = left_padded([encoded[i] for i in idx], pad_id, model.device)
@@ -181,8 +228,9 @@ def _generate_hf(model, tokenizer, encoded: list[list[int]], budgets: list[int],
         with torch.no_grad():
             out = model.generate(
                 input_ids=input_ids, attention_mask=attention, do_sample=sampling,
-                temperature=config.temperature if sampling else None, top_p=config.top_p if sampling else None,
-                top_k=None, eos_token_id=stop, pad_token_id=pad_id,
+                temperature=settings["temperature"] if sampling else None,
+                top_p=settings["top_p"] if sampling else None, top_k=settings["top_k"] if sampling else None,
+                repetition_penalty=settings["repetition_penalty"], eos_token_id=stop, pad_token_id=pad_id,
                 max_new_tokens=max(budgets[i] for i in idx),
             )
         for row, i in enumerate(idx):  # the batch ran to its largest budget: each row keeps its own
@@ -239,12 +287,20 @@ def release_engines() -> None:
 
 
 def _generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
+    """vLLM with the same sampling settings (:func:`sampling_settings`) and the same prompt token ids
+    (:func:`encode_prompts`) as the transformers backend."""
     from vllm import SamplingParams
 
+    from utils.loading import load_tokenizer
+
     llm = vllm_engine(model_path, config)
-    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
+    settings = sampling_settings(model_generation_config(model_path), config)
+    params = SamplingParams(temperature=settings["temperature"], top_p=settings["top_p"],
+                            top_k=settings["top_k"] if settings["top_k"] > 0 else -1,
+                            repetition_penalty=settings["repetition_penalty"], max_tokens=config.max_new_tokens,
                             seed=config.seed)
-    outputs = llm.generate(prompts, params)
+    ids = encode_prompts(load_tokenizer(model_path, trust_remote_code=config.trust_remote_code), prompts)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params)
     return [o.outputs[0].text for o in outputs]
 
 
@@ -269,6 +325,8 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 2
     group.add_argument("--gpu_memory_utilization", type=float, default=0.9, help="vLLM's share of GPU memory")
     group.add_argument("--max_model_len", type=int, default=None, help="vLLM's context length (default: model's)")
     group.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="longest answer in tokens")
+    group.add_argument("--repetition_penalty", type=float, default=None,
+                       help="default: the model's generation_config (as the competition's engine; 1 when it has none)")
     group.add_argument("--batch_size", type=int, default=16, help="prompts per batch (transformers backend)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto: bfloat16 on a GPU that supports it, float32 on CPU")
@@ -277,7 +335,7 @@ def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int = 2
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            tensor_parallel_size=args.tensor_parallel_size,
+                            repetition_penalty=args.repetition_penalty, tensor_parallel_size=args.tensor_parallel_size,
                             gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                             dtype=args.dtype, trust_remote_code=args.trust_remote_code)
 

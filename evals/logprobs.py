@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from dataset.data_module import IGNORE_INDEX
 from evals.shard import SINGLE, Shard
 
-__all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "HeadInput", "accepts_logits_to_keep", "fusable_head",
-           "gathered", "head_input_taken", "head_token_values", "kept_positions", "position_stats",
+__all__ = ["FUSABLE_ARCHITECTURES", "IGNORE_INDEX", "ME_FLOOR", "HeadInput", "accepts_logits_to_keep", "fusable_head",
+           "gathered", "head_input_taken", "head_token_values", "kept_positions", "me_chunk", "position_stats",
            "prompt_shared_nll", "qa_batches", "sequence_nll", "shift_labels", "token_nll", "upcast", "whole_shape"]
 
 
@@ -65,8 +65,10 @@ class HeadInput:
 
 
 # Architectures whose logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after the head): the
-# fused head may stand in for their logits.
-FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe"})
+# fused head may stand in for their logits. Gemma-3's text model has no final soft-capping (Gemma-2's had):
+# tests/test_real_gemma.py holds the equality on the real model.
+FUSABLE_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral", "phi3", "qwen2_moe", "qwen3_moe",
+                                   "gemma3_text"})
 
 
 def whole_shape(weight: torch.Tensor) -> torch.Size:
@@ -122,39 +124,67 @@ def head_input_taken(head: torch.nn.Linear) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
+# The competition's ME: KL(uniform || softmax(z) + 1e-12), the floor inside the log. It caps each entry's -log p at
+# 27.6 and gives every entry with p << 1e-12 no gradient; 0 is the exact closed form.
+ME_FLOOR = 1e-12
+
+
+def me_chunk(z: torch.Tensor, floor: float = ME_FLOOR, want_grad: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of logits ``z`` (C, V): ``KL(u || p + floor) = -log V - mean_v log(p_v + floor)`` with
+    ``p = softmax(z)``, and its gradient with respect to ``z`` (C, V).
+
+    With ``floor = 0`` this is ``logsumexp(z) - mean(z) - log V`` with gradient ``p - 1/V``. With a floor, writing
+    ``r_v = p_v / (p_v + floor)`` and ``R = sum_v r_v``, the gradient is ``(p R - r) / V`` (the chain rule through
+    the softmax): entries far below the floor have ``r ~ 0`` and no pull of their own. ``log(p + floor)`` is
+    ``logaddexp(log p, log floor)``, exact for every p.
+    """
+    vocab = z.size(-1)
+    logp = torch.log_softmax(z, dim=-1)
+    if floor == 0:
+        values = -logp.mean(dim=-1) - math.log(vocab)
+        return values, (logp.exp_() - 1.0 / vocab) if want_grad else None
+    lq = torch.logaddexp(logp, logp.new_tensor(math.log(floor)))
+    values = -lq.mean(dim=-1) - math.log(vocab)
+    if not want_grad:
+        return values, None
+    r = (logp - lq).exp_()
+    total = r.sum(dim=-1, keepdim=True)
+    grad = logp.exp_().mul_(total).sub_(r).div_(vocab)
+    return values, grad
+
+
 class _HeadTokenValues(torch.autograd.Function):
     """Per-row values of ``z = h W^T`` (rows of ``h`` are positions), ``z`` made ``HEAD_CHUNK_TOKENS`` rows at a
-    time: ``nll`` = logsumexp(z) - z_y; ``me`` = logsumexp(z) - mean(z) - log V = KL(uniform || softmax(z)).
+    time: ``nll`` = logsumexp(z) - z_y; ``me`` = KL(uniform || softmax(z) + floor) (:func:`me_chunk`).
 
-    Each value's gradient with respect to its row of ``h`` (``(softmax(z) - onehot(y)) W`` or
-    ``(softmax(z) - 1/V) W``) is made in the same pass and kept (``N x H``, small); backward scales it by the
-    incoming per-row gradient. ``W`` must be frozen (no gradient is formed for it).
+    Each value's gradient with respect to its row of ``h`` (``(softmax(z) - onehot(y)) W``, or ME's logit gradient
+    times ``W``) is made in the same pass and kept (``N x H``, small); backward scales it by the incoming per-row
+    gradient. ``W`` must be frozen (no gradient is formed for it).
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kind: str):
-        vocab = weight.size(0)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kind: str,
+                floor: float = ME_FLOOR):
         values = torch.empty(hidden.size(0), dtype=upcast(hidden[:0]).dtype, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.size(0), HEAD_CHUNK_TOKENS):
             rows = slice(start, start + HEAD_CHUNK_TOKENS)
-            # (C, V): the one vocabulary-wide tensor, one chunk at a time, reused in place throughout
+            # (C, V): the vocabulary-wide tensors, one chunk at a time
             z = upcast(hidden[rows] @ weight.t())
-            z -= z.max(dim=-1, keepdim=True).values  # as log_softmax: exact where z is its maximum
-            if kind == "nll":
+            if kind == "me":
+                values[rows], probs = me_chunk(z, floor, grad is not None)
+            else:
+                z -= z.max(dim=-1, keepdim=True).values  # as log_softmax: exact where z is its maximum
                 y = targets[rows]
                 picked = z.gather(1, y.unsqueeze(1)).squeeze(1)
-            else:
-                picked = z.mean(dim=-1) + math.log(vocab)
-            probs = z.exp_()
-            total = probs.sum(dim=-1)
-            values[rows] = total.log() - picked
-            if grad is not None:
-                probs /= total.unsqueeze(1)  # softmax(z)
-                if kind == "nll":
+                probs = z.exp_()
+                total = probs.sum(dim=-1)
+                values[rows] = total.log() - picked
+                if grad is not None:
+                    probs /= total.unsqueeze(1)  # softmax(z)
                     probs[torch.arange(probs.size(0), device=probs.device), y] -= 1.0
-                else:
-                    probs -= 1.0 / vocab
+            if grad is not None:
                 grad[rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return values
@@ -162,10 +192,11 @@ class _HeadTokenValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_values.unsqueeze(1).to(grad.dtype), None, None, None
+        return grad * grad_values.unsqueeze(1).to(grad.dtype), None, None, None, None
 
 
-def head_token_values(head: HeadInput, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+def head_token_values(head: HeadInput, labels: torch.Tensor, kind: str, floor: float = ME_FLOOR
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``nll`` or ``me`` (see :class:`_HeadTokenValues`) at the counted positions, as ``(B, T)`` values
     (0 elsewhere) and the counted mask, computed from ``head`` without whole logits."""
     target = shift_labels(labels)
@@ -173,7 +204,7 @@ def head_token_values(head: HeadInput, labels: torch.Tensor, kind: str) -> tuple
     flat = head.hidden.reshape(-1, head.hidden.size(-1))
     rows = mask.reshape(-1).nonzero().squeeze(1)
     with gathered(head.weight) as weight:
-        values = _HeadTokenValues.apply(flat.index_select(0, rows), weight, target.reshape(-1)[rows], kind)
+        values = _HeadTokenValues.apply(flat.index_select(0, rows), weight, target.reshape(-1)[rows], kind, floor)
     out = torch.zeros(target.shape, dtype=values.dtype, device=values.device)
     return out.index_put((mask,), values), mask
 

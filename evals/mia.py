@@ -19,8 +19,12 @@ Scores per item (``logprobs``: log p of each answer token under the model, teach
   log p under the model's own next-token distribution at that position, lowest k% averaged, negated;
 - Reference (Carlini et al. 2022): NLL minus the reference model's NLL (here the base model with the
   adapter off, or any model given);
-- GradNorm (Wang et al. 2024): L2 norm of the gradient of the mean answer NLL w.r.t. the trainable
-  weights (computed by :mod:`evals.unlearning`; higher = less trained-on).
+- GradNorm (Wang et al. 2024): the mean over weight tensors of each one's gradient L2 norm, the gradient of the
+  mean answer NLL (computed by :mod:`evals.unlearning`; higher = less trained-on).
+
+**Which answer tokens**, as open-unlearning: LOSS, ZLib and Reference read every answer label, the EOS that ends
+the answer included; Min-K%, Min-K%++, GradNorm, EM and ES leave each answer's last label (the EOS) out
+(:func:`tokenwise`). ZLib compresses the answer's tokens decoded without special tokens.
 """
 
 from __future__ import annotations
@@ -28,10 +32,28 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 MIN_K = 0.4
+GRADNORM_REDUCTIONS = ("tensor_mean", "global")
+
+
+@dataclass(frozen=True)
+class MiaOptions:
+    """How the scores are taken: Min-K%'s k, whether the token-wise scores (Min-K%, Min-K%++, GradNorm, EM, ES) also
+    count the answer's last label (open-unlearning leaves it out), and GradNorm's reduction over weight tensors."""
+
+    k: float = MIN_K
+    keep_last: bool = False
+    gradnorm_reduction: str = "tensor_mean"
+
+
+def tokenwise(values: Sequence, keep_last: bool = False) -> list:
+    """The per-token values the token-wise scores read: all but the answer's last label (the EOS), as
+    open-unlearning's ``tokenwise_logprobs``; ``keep_last`` keeps it."""
+    return list(values) if keep_last else list(values)[:-1]
 
 
 def loss_score(logprobs: Sequence[float]) -> float:
@@ -59,11 +81,12 @@ def _lowest_mean(values: Sequence[float], k: float) -> float:
 
 
 def min_k_score(logprobs: Sequence[float], k: float = MIN_K) -> float:
-    """Min-K%: ``-mean`` of the ``max(1, int(k * n))`` lowest token log-probs.
+    """Min-K%: ``-mean`` of the ``max(1, int(k * n))`` lowest token log-probs (0 for an item with no token, as
+    open-unlearning).
 
     Hand value: log p = (-1, -2, -3, -4, -5), k = 0.4: the two lowest (-5, -4) average -4.5: score 4.5.
     """
-    return -_lowest_mean(logprobs, k)
+    return -_lowest_mean(logprobs, k) if len(logprobs) else 0.0
 
 
 def min_k_plus_plus_score(logprobs: Sequence[float], mu: Sequence[float], sigma: Sequence[float],
@@ -75,7 +98,7 @@ def min_k_plus_plus_score(logprobs: Sequence[float], mu: Sequence[float], sigma:
     that a flat position scores 0 rather than dividing by zero): log p = ln 1/2 gives z = 0.
     """
     z = [(lp - m) / max(s, 1e-3) for lp, m, s in zip(logprobs, mu, sigma, strict=True)]
-    return -_lowest_mean(z, k)
+    return -_lowest_mean(z, k) if z else 0.0
 
 
 def distribution_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,39 +139,56 @@ def auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> floa
 
 
 def priv_leak(auc_unlearned: float, auc_retrain: float) -> float:
-    """PrivLeak (Shi et al. 2024, MUSE): ``(AUC_unlearned - AUC_retrain) / AUC_retrain``, in percent.
+    """PrivLeak (Shi et al. 2024, MUSE), in percent, in MUSE's orientation.
 
-    0 is ideal (the unlearned model is as private as one never trained on the forget set); large positive:
-    forget items still detectable (under-unlearning); large negative: over-unlearning.
-    Hand value: AUC 0.75 against a retrained model's 0.5: +50 %.
+    MUSE's AUC is ``1 - ours`` (its scores separate the sets the other way round: a model that still knows the
+    forget set scores near 0 there, near 1 here) and PrivLeak is ``(AUC_unlearned - AUC_retrain) / AUC_retrain x
+    100`` on its AUC, i.e. ``((1 - a) - (1 - r)) / (1 - r) x 100`` on ours (open-unlearning computes the same). 0 is
+    ideal (as private as a model never trained on the forget set); strongly negative (down to -100): the forget
+    items are still detectable, under-unlearning (a target that memorised them scores about -99.8 in MUSE's
+    tables); positive: over-unlearning. Hand value: our AUC 0.75 against a retrained model's 0.5:
+    ``(0.25 - 0.5) / 0.5 = -50 %``.
     """
-    return (auc_unlearned - auc_retrain) / auc_retrain * 100
+    return ((1 - auc_unlearned) - (1 - auc_retrain)) / ((1 - auc_retrain) + 1e-10) * 100  # open-unlearning's 1e-10
 
 
-def exact_memorisation(argmax_ids: Sequence[int], label_ids: Sequence[int]) -> float:
-    """Share of answer tokens the teacher-forced argmax reproduces (Tirumala et al. 2022's EM)."""
+def exact_memorisation(argmax_ids: Sequence[int], label_ids: Sequence[int]) -> float | None:
+    """Share of answer tokens the teacher-forced argmax reproduces (Tirumala et al. 2022's EM); ``None`` for an
+    item with no token (open-unlearning's value there)."""
     if not len(label_ids):
-        raise ValueError("an item with no answer token has no exact memorisation")
+        return None
     return sum(a == b for a, b in zip(argmax_ids, label_ids, strict=True)) / len(label_ids)
 
 
 def extraction_strength(argmax_ids: Sequence[int], label_ids: Sequence[int]) -> float:
-    """Extraction strength (Carlini et al. 2021; as open-unlearning): ``1 - k/n`` for the shortest answer
-    prefix ``k`` after which the model reproduces the rest of the answer exactly; 0 when no prefix does.
+    """Extraction strength (Carlini et al. 2021), as open-unlearning computes it: ``1 - k/n`` for the shortest
+    answer prefix ``k < n`` after which the model reproduces the rest of the answer exactly; when none does, the
+    search ends at ``k = n - 1`` and the value is ``1/n``.
 
-    Greedy decoding after prefix ``y[:k]`` reproduces ``y[k:]`` exactly iff the teacher-forced argmax
-    equals the label at every position from ``k`` on, so one forward pass decides it. ``k = n`` (nothing
-    left to reproduce) does not count: the reference implementation returns ``1/n`` when nothing matches
-    (its loop ends at ``k = n - 1``); ours returns 0. Hand value: labels (5, 6, 7, 8), argmax (9, 6, 7, 8):
-    k = 1, ES = 3/4; argmax (5, 6, 7, 9): the last token is never reproduced, ES = 0.
+    Greedy decoding after prefix ``y[:k]`` reproduces ``y[k:]`` exactly iff the teacher-forced argmax equals the
+    label at every position from ``k`` on, so one forward pass decides it. Hand value: labels (5, 6, 7, 8), argmax
+    (9, 6, 7, 8): k = 1, ES = 3/4; argmax (5, 6, 7, 9): no k works, ES = 1/4. 0 for an item with no token.
     """
     n = len(label_ids)
     if not n:
-        raise ValueError("an item with no answer token has no extraction strength")
+        return 0.0
     k = n
     while k > 0 and argmax_ids[k - 1] == label_ids[k - 1]:
         k -= 1
-    return 0.0 if k == n else 1 - k / n
+    return 1 - min(k, n - 1) / n
+
+
+def gradnorm_score(tensor_norms: Sequence[float], reduction: str = "tensor_mean") -> float:
+    """GradNorm (Wang et al. 2024) from each weight tensor's gradient L2 norm: their mean (open-unlearning's
+    definition, ``tensor_mean``) or the L2 norm of the whole gradient (``global``). Hand value: norms (5, 12):
+    8.5, or 13."""
+    if not len(tensor_norms):
+        raise ValueError("no gradient")
+    if reduction == "tensor_mean":
+        return math.fsum(tensor_norms) / len(tensor_norms)
+    if reduction == "global":
+        return math.sqrt(math.fsum(x * x for x in tensor_norms))
+    raise ValueError(f"unknown GradNorm reduction {reduction!r}")
 
 
 def mean(values: Sequence[float]) -> float:

@@ -18,16 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from evals.mia import (
-    MIN_K,
+    MiaOptions,
     auc,
     exact_memorisation,
     extraction_strength,
+    gradnorm_score,
     loss_score,
     mean,
     min_k_plus_plus_score,
     min_k_score,
     priv_leak,
     reference_score,
+    tokenwise,
     zlib_score,
 )
 from evals.shard import SINGLE, Shard
@@ -36,6 +38,7 @@ from utils.utils import ChatTemplate, UserError
 logger = logging.getLogger(__name__)
 
 SETS = ("forget", "retain", "holdout", "general")
+DEFAULT_MIA = MiaOptions()
 MIA_SCORES = ("loss", "zlib", "min_k", "min_k_pp", "reference", "gradnorm")
 
 
@@ -111,44 +114,62 @@ def adapter_off_reference(model, tokenizer, template: ChatTemplate, batch_size: 
     return reference
 
 
-def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
-               max_length: int = 512, shard: Shard = SINGLE) -> list[float]:
-    """GradNorm: per item, the L2 norm (over every floating weight of the model, adapter included) of the
-    gradient of its mean answer NLL. Weights' ``requires_grad`` flags and the train/eval mode are restored.
+def drop_last_labels(labels):
+    """Labels with each row's last counted label set to ``IGNORE_INDEX`` (the token-wise scores' positions)."""
+    import torch
 
-    Each weight's gradient is squared, summed and dropped as soon as backward has made it (a post-accumulate
-    hook), so the pass never holds a whole model's gradient (14 GB for a 7B model in bf16); logits are made at
-    answer positions only."""
+    counted = labels != -100
+    last = torch.where(counted.any(dim=1), counted.cumsum(dim=1).argmax(dim=1), -1)
+    out = labels.clone()
+    rows = (last >= 0).nonzero().squeeze(1)
+    out[rows, last[rows]] = -100
+    return out
+
+
+def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
+               max_length: int = 512, shard: Shard = SINGLE, options: MiaOptions = DEFAULT_MIA) -> list[float]:
+    """GradNorm: per item, the gradient of its mean answer NLL (the last label left out unless
+    ``options.keep_last``) over the model's weights, reduced over weight tensors as ``options.gradnorm_reduction``
+    (:func:`evals.mia.gradnorm_score`: open-unlearning's mean of per-tensor norms by default). The weights are the
+    model's own (a LoRA adapter's tensors are not weights of the merged model; the base weights' gradients are
+    those of the merged weights). Weights' ``requires_grad`` flags and the train/eval mode are restored.
+
+    Each weight's gradient is reduced and dropped as soon as backward has made it (a post-accumulate hook), so the
+    pass never holds a whole model's gradient (14 GB for a 7B model in bf16); logits are made at answer positions
+    only."""
     import torch
 
     from evals.logprobs import accepts_logits_to_keep, kept_positions, qa_batches, token_nll
 
-    params = [p for p in model.parameters() if p.is_floating_point()]
+    params = [p for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n]
     flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()  # no dropout: the score is a function of the item
-    squares: list[torch.Tensor] = []
+    norms_of_tensors: list[torch.Tensor] = []
 
-    def take_square(param: torch.Tensor) -> None:
-        squares.append(param.grad.detach().float().pow(2).sum())
+    def take_norm(param: torch.Tensor) -> None:
+        norms_of_tensors.append(param.grad.detach().float().norm())
         param.grad = None
 
     keep_some = accepts_logits_to_keep(model)
-    norms: dict[int, float] = {}
+    scores: dict[int, float] = {}
     hooks = []
     try:
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-            hooks.append(p.register_post_accumulate_grad_hook(take_square))
+            hooks.append(p.register_post_accumulate_grad_hook(take_norm))
         for (item,), batch in qa_batches(model, tokenizer, template, pairs, 1, max_length, shard):
-            keep, labels = kept_positions(batch["labels"]) if keep_some else (None, batch["labels"])
+            labels = batch["labels"] if options.keep_last else drop_last_labels(batch["labels"])
+            keep, labels = kept_positions(labels) if keep_some else (None, labels)
             kwargs = {} if keep is None else {"logits_to_keep": keep}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
             nll, mask = token_nll(logits, labels)
-            squares.clear()
-            (nll.sum() / mask.sum()).backward()
-            norms[item] = math.sqrt(sum(float(x) for x in squares))
+            norms_of_tensors.clear()
+            if mask.any():
+                (nll.sum() / mask.sum()).backward()
+            scores[item] = (gradnorm_score([float(x) for x in norms_of_tensors], options.gradnorm_reduction)
+                            if norms_of_tensors else 0.0)
     finally:
         for hook in hooks:
             hook.remove()
@@ -156,30 +177,34 @@ def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[s
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    return shard.gather(norms, len(pairs))
+    return shard.gather(scores, len(pairs))
 
 
-def item_scores(stats: TokenStats, answer: str, reference_nll: float | None, gradnorm: float | None,
-                k: float = MIN_K) -> dict[str, float | None]:
-    """The MIA scores (loss-like: higher = less trained-on), EM and ES of one item."""
+def item_scores(stats: TokenStats, text: str, reference_nll: float | None, gradnorm: float | None,
+                options: MiaOptions = DEFAULT_MIA) -> dict[str, float | None]:
+    """The MIA scores (loss-like: higher = less trained-on), EM and ES of one item, as open-unlearning defines
+    them: LOSS, ZLib (``text``: the answer's tokens decoded without special tokens) and Reference over every answer
+    label; Min-K%, Min-K%++, EM and ES without the last one (:func:`evals.mia.tokenwise`)."""
     nll = loss_score(stats.logprobs)
+    logprobs, mu, sigma, argmax, labels = (tokenwise(v, options.keep_last) for v in
+                                           (stats.logprobs, stats.mu, stats.sigma, stats.argmax, stats.labels))
     return {
         "loss": nll,
-        "zlib": zlib_score(stats.logprobs, answer),
-        "min_k": min_k_score(stats.logprobs, k),
-        "min_k_pp": min_k_plus_plus_score(stats.logprobs, stats.mu, stats.sigma, k),
+        "zlib": zlib_score(stats.logprobs, text),
+        "min_k": min_k_score(logprobs, options.k),
+        "min_k_pp": min_k_plus_plus_score(logprobs, mu, sigma, options.k),
         "reference": None if reference_nll is None else reference_score(nll, reference_nll),
         "gradnorm": gradnorm,
-        "em": exact_memorisation(stats.argmax, stats.labels),
-        "es": extraction_strength(stats.argmax, stats.labels),
+        "em": exact_memorisation(argmax, labels),
+        "es": extraction_strength(argmax, labels),
     }
 
 
 def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequence[tuple[str, str]]],
                   refusals: Sequence[str], generate: Callable[[list[str]], list[str]],
                   reference: Callable[[Sequence[tuple[str, str]]], list[float]] | None = None,
-                  gradnorm: bool = True, batch_size: int = 8, k: float = MIN_K, shard: Shard = SINGLE
-                  ) -> dict[str, list[dict]]:
+                  gradnorm: bool = True, batch_size: int = 8, options: MiaOptions = DEFAULT_MIA,
+                  shard: Shard = SINGLE) -> dict[str, list[dict]]:
     """Per-item logs of each named set (``forget``, ``retain``, ``holdout``, ``general``; any subset).
 
     ``generate`` maps prompts to greedy answers (the caller picks the backend, and its split across processes);
@@ -202,12 +227,13 @@ def evaluate_sets(model, tokenizer, template: ChatTemplate, sets: dict[str, Sequ
         answers = answers_of[name]
         stats = token_stats(model, tokenizer, template, pairs, batch_size, shard=shard)
         refs = reference(pairs) if reference is not None else [None] * len(pairs)
-        norms = grad_norms(model, tokenizer, template, pairs, shard=shard) if gradnorm else [None] * len(pairs)
+        norms = (grad_norms(model, tokenizer, template, pairs, shard=shard, options=options) if gradnorm
+                 else [None] * len(pairs))
         _, recall_l = rouge_recalls([a for _, a in pairs], answers)
         log[name] = [
             {"question": q, "answer": a, "generated": gen, "rougeL_f": atec_rouge_l(a, gen), "rougeL_recall": rec,
              "refusal": is_refusal(gen, refusals) if refusals else None,
-             **item_scores(st, a, ref, norm, k)}
+             **item_scores(st, tokenizer.decode(st.labels, skip_special_tokens=True), ref, norm, options)}
             for (q, a), gen, st, ref, norm, rec in zip(pairs, answers, stats, refs, norms, recall_l, strict=True)
         ]
     return log
@@ -230,7 +256,7 @@ def summarise(log: dict[str, list[dict]], retain_only: dict | None = None) -> di
     summary: dict = {"sets": {}}
     for name, rows in log.items():
         keys = ("rougeL_f", "rougeL_recall", "loss", "em", "es")
-        summary["sets"][name] = {key: mean([r[key] for r in rows]) for key in keys}
+        summary["sets"][name] = {key: mean([r[key] for r in rows if r[key] is not None]) for key in keys}
         refusals = [r["refusal"] for r in rows if r["refusal"] is not None]
         summary["sets"][name]["refusal_rate"] = mean([float(x) for x in refusals]) if refusals else None
         summary["sets"][name]["items"] = len(rows)

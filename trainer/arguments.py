@@ -35,6 +35,12 @@ def add_unlearn_args(
                       help=f"forget(+retain) objective, one of: {', '.join(loss_choices)} (README, \"Methods\")")
     loss.add_argument("--forget_coeff", type=float, default=forget_coeff, help="weight of the forget loss")
     loss.add_argument("--regularization_coeff", type=float, default=1.0, help="weight of the retain loss")
+    loss.add_argument("--me_floor", type=float, default=1e-12,
+                      help="ME: the floor inside its log, KL(uniform || softmax + floor), as the competition's code; "
+                           "0: the exact closed form (README, \"Differences\")")
+    loss.add_argument("--kl_reduction", default="tokens", choices=["tokens", "batchmean"],
+                      help="KL retain term: mean over answer tokens (invariant to padding and to how a step is split), "
+                           "or batchmean over every position of the batch, padding included (open-unlearning's)")
     loss.add_argument("--beta", type=float, default=0.1, help="inverse temperature of AP, NPO and DPO")
     loss.add_argument("--simnpo_beta", type=float, default=4.5, help="SimNPO: inverse temperature")
     loss.add_argument("--simnpo_delta", type=float, default=0.0,
@@ -73,8 +79,11 @@ def add_unlearn_args(
     train.add_argument("--lr_scheduler_type", default="cosine",
                        choices=["cosine", "linear", "constant", "constant_with_warmup"], help="learning-rate schedule")
     train.add_argument("--warmup_ratio", type=float, default=0.05, help="fraction of optimizer steps for warm-up")
-    train.add_argument("--max_grad_norm", type=float, default=0.0,
-                       help="clip gradients to this norm; 0 = no clipping (the original scripts never clipped)")
+    train.add_argument("--max_grad_norm", type=float, default=None,
+                       help="clip gradients to this norm; 0 = no clipping. Default: as the original's launch did, "
+                            "none with plain python, and under DeepSpeed 1.0 x the accumulation steps (the original's "
+                            "DeepSpeed clipped its gradient at 1.0 after the loss had been divided by the accumulation "
+                            "steps twice: README, \"Differences\")")
     train.add_argument("--seed", type=int, default=1001, help="seed for LoRA initialisation and data order")
     train.add_argument("--logging_steps", type=int, default=1, help="log every N optimizer steps")
     train.add_argument("--save_steps", type=int, default=save_steps,

@@ -12,7 +12,6 @@ reads a layer's output rather than logits).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from dataset.data_module import IGNORE_INDEX
-from evals.logprobs import HeadInput, head_token_values, sequence_nll, shift_labels, token_nll, upcast
+from evals.logprobs import (
+    ME_FLOOR,
+    HeadInput,
+    head_token_values,
+    me_chunk,
+    sequence_nll,
+    shift_labels,
+    token_nll,
+    upcast,
+)
 
 # Tokens per chunk in the ME loss: bounds the float32 temporaries to chunk x V at a time.
 ME_CHUNK_TOKENS = 256
@@ -39,22 +47,23 @@ def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class _MaxEntropy(torch.autograd.Function):
-    """Mean over counted positions of ``logsumexp(z) - mean(z)``, in chunks of positions.
+    """Mean over counted positions of ME (:func:`evals.logprobs.me_chunk`), in chunks of positions.
 
-    Forward keeps no copy of the logits; backward writes ``(softmax(z) - 1/V) / N`` straight into one
-    gradient tensor (the one autograd needs anyway), chunk by chunk, so the only ``x V`` temporaries are
+    Forward keeps no copy of the logits; backward writes each position's logit gradient (divided by N) straight
+    into one gradient tensor (the one autograd needs anyway), chunk by chunk, so the only ``x V`` temporaries are
     ``ME_CHUNK_TOKENS x V``.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, V), (B, T)
+    def forward(ctx, logits: torch.Tensor, mask: torch.Tensor, floor: float) -> torch.Tensor:  # (B, T, V), (B, T)
         flat = logits.reshape(-1, logits.size(-1))  # a view: logits are contiguous
         rows = mask.reshape(-1).nonzero().squeeze(1)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
             z = upcast(flat.index_select(0, rows[start : start + ME_CHUNK_TOKENS]))
-            total += (torch.logsumexp(z, dim=-1) - z.mean(dim=-1)).sum(dtype=torch.float64)
+            total += me_chunk(z, floor, want_grad=False)[0].sum(dtype=torch.float64)
         ctx.save_for_backward(logits, rows)
+        ctx.floor = floor
         return (total / rows.numel()).to(upcast(logits[:0]).dtype)
 
     @staticmethod
@@ -67,27 +76,31 @@ class _MaxEntropy(torch.autograd.Function):
         scale = grad_out / rows.numel()
         for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
             idx = rows[start : start + ME_CHUNK_TOKENS]
-            probs = torch.softmax(upcast(flat.index_select(0, idx)), dim=-1)
-            flat_grad.index_copy_(0, idx, ((probs - 1.0 / vocab) * scale).to(grad.dtype))
-        return grad, None
+            _, chunk = me_chunk(upcast(flat.index_select(0, idx)), ctx.floor)
+            flat_grad.index_copy_(0, idx, (chunk * scale).to(grad.dtype))
+        return grad, None, None
 
 
-def me_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Maximum entropy: KL(uniform || softmax(logits)) averaged over counted tokens.
+def me_loss(logits: torch.Tensor, labels: torch.Tensor, floor: float = ME_FLOOR) -> torch.Tensor:
+    """Maximum entropy, as the competition computed it: ``KL(uniform || softmax(z) + floor)`` averaged over counted
+    tokens, ``floor = 1e-12`` inside the log (``F.kl_div((softmax(z) + 1e-12).log(), uniform)``).
 
-    In closed form, per position with logits ``z`` over ``V`` classes:
-    ``KL(u || p) = sum_v (1/V)(log(1/V) - log p_v) = logsumexp(z) - mean(z) - log V``.
-    No uniform tensor, softmax copy or extra ``B x T x V`` tensor is built: positions are processed
-    ``ME_CHUNK_TOKENS`` at a time (see ``_MaxEntropy``). Given a :class:`~evals.logprobs.HeadInput` the logits
-    are never built whole at all (the fused head).
+    Per position with logits ``z`` over ``V`` classes: ``-log V - mean_v log(p_v + floor)``. The floor caps each
+    entry's ``-log p`` at ``-log floor = 27.6`` and takes the gradient of entries with ``p << floor`` away: on a
+    memorised model, where most of the vocabulary is far below 1e-12, this changes the value and the gradient
+    (see :func:`evals.logprobs.me_chunk`). ``floor = 0`` (``--me_floor 0``) is the exact closed form
+    ``logsumexp(z) - mean(z) - log V``. Hand value, V = 2, p = (3/4, 1/4), floor 0: ``-ln 2 - (ln 3/4 + ln 1/4)/2
+    = ln(4/3)/2``. No uniform tensor, softmax copy or extra ``B x T x V`` tensor is built: positions are processed
+    ``ME_CHUNK_TOKENS`` at a time (see ``_MaxEntropy``). Given a :class:`~evals.logprobs.HeadInput` the logits are
+    never built whole at all (the fused head).
     """
     mask = shift_labels(labels) != IGNORE_INDEX
     if not mask.any():
         return logits.sum() * 0.0
     if isinstance(logits, HeadInput):  # per-position values straight from the head's input, chunk by chunk
-        values, mask = head_token_values(logits, labels, "me")
+        values, mask = head_token_values(logits, labels, "me", floor)
         return (values.sum(dtype=torch.float64) / mask.sum()).to(values.dtype)
-    return _MaxEntropy.apply(logits.contiguous(), mask) - math.log(logits.size(-1))
+    return _MaxEntropy.apply(logits.contiguous(), mask, floor)
 
 
 def ap_loss(
@@ -130,8 +143,26 @@ def dpo_loss(
     return -F.logsigmoid(beta * (pi - ref)).mean() * 2 / beta
 
 
-def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(ref || current) of the next-token distributions, averaged over counted tokens."""
+KL_REDUCTIONS = ("tokens", "batchmean")
+
+
+def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, reduction: str = "tokens"
+            ) -> torch.Tensor:
+    """KL(ref || current) of the next-token distributions.
+
+    ``tokens``: averaged over the positions that predict an answer token (padding and prompts never count).
+    ``batchmean``: summed over every position of the batch and divided by their number (``F.kl_div(...,
+    reduction="batchmean")`` on the flattened ``(B*T, V)`` logits), as open-unlearning and closer-look compute it:
+    prompt, padding and the last position count too, so the value moves with the batch's padding. Hand value:
+    per-position KL (0, 0.2, 0.4, 1.0), positions 1 and 2 predicting answer tokens: 0.3 (tokens), 0.4 (batchmean).
+    """
+    if reduction == "batchmean":
+        vocab = logits.size(-1)
+        logp = F.log_softmax(upcast(logits.reshape(-1, vocab)), dim=-1)
+        ref_logp = F.log_softmax(upcast(ref_logits.reshape(-1, vocab)), dim=-1).detach()
+        return F.kl_div(logp, ref_logp, reduction="batchmean", log_target=True)
+    if reduction != "tokens":
+        raise ValueError(f"unknown KL reduction {reduction!r}; one of {', '.join(KL_REDUCTIONS)}")
     mask = shift_labels(labels) != IGNORE_INDEX
     if not mask.any():
         return logits.sum() * 0.0
@@ -311,6 +342,8 @@ class LossParams:
     satimp_beta1: float = 5.0
     satimp_beta2: float = 1.0
     ceu_skip_tokens: int = 1
+    me_floor: float = ME_FLOOR  # ME's floor inside the log (the competition's 1e-12; 0: the exact closed form)
+    kl_reduction: str = "tokens"  # KL's mean: over answer tokens, or open-unlearning's batchmean over positions
     steering: torch.Tensor | None = None  # RMU's c * u, made by the trainer once the hidden size is known
 
 
@@ -336,6 +369,11 @@ def answered_rows(labels: torch.Tensor) -> torch.Tensor:
     return (shift_labels(labels) != IGNORE_INDEX).any(dim=-1).sum()
 
 
+def all_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Every position of a part (batchmean terms)."""
+    return torch.tensor(labels.numel(), device=labels.device)
+
+
 def all_rows(labels: torch.Tensor) -> torch.Tensor:
     """Every row of a part (sequence-level terms: NPO, DPO, AP, RMU)."""
     return torch.tensor(labels.size(0), device=labels.device)
@@ -354,9 +392,10 @@ class LossTerm:
     """One term of an objective: the batch parts it reads, what it needs computed, and how.
 
     ``needs_ref``: reference outputs (the model with its adapter off, or a frozen copy when every weight
-    trains). ``needs_hidden``: the hidden states of the trainer's chosen layer (RMU). ``needs_logits``:
-    False lets the trainer skip the output head for the part. ``dual``: the term's weight is PDU's dual
-    variable instead of a fixed coefficient. ``units``: the count the term's mean divides by, from the
+    trains). ``every_position``: given the hyper-parameters, whether the term reads every position's logits
+    (not only those predicting counted tokens). ``needs_hidden``: the hidden states of the trainer's chosen layer
+    (RMU). ``needs_logits``: False lets the trainer skip the output head for the part. ``dual``: the term's weight
+    is PDU's dual variable instead of a fixed coefficient. ``units``: the count the term's mean divides by, from the
     parts' labels alone (known before any forward pass). ``fusable``: the term reads its logits (and
     reference logits) only through per-token NLL or ME, so it accepts a :class:`~evals.logprobs.HeadInput`
     and the trainer may skip building the logits (the fused head).
@@ -370,6 +409,7 @@ class LossTerm:
     needs_logits: bool = True
     dual: bool = False
     fusable: bool = False
+    every_position: Callable[[LossParams], bool] | None = None  # reads the logits of every position (batchmean)
 
 
 def _f(o: Mapping[str, PartOutput]) -> PartOutput:
@@ -377,8 +417,8 @@ def _f(o: Mapping[str, PartOutput]) -> PartOutput:
 
 
 GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"), fusable=True)
-ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"),
-              fusable=True)
+ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels, p.me_floor),
+              _tokens_of("forget"), fusable=True)
 IDK = LossTerm(("forget_idk",), False, lambda o, p: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels),
                _tokens_of("forget_idk"), fusable=True)
 NPO = LossTerm(("forget",), True,
@@ -413,8 +453,11 @@ RMU_F = LossTerm(("forget",), False, lambda o, p: rmu_loss(_f(o).hidden, p.steer
 
 GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), _tokens_of("retain"),
               fusable=True)
-KL = LossTerm(("retain",), True, lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels),
-              _tokens_of("retain"))
+KL = LossTerm(("retain",), True,
+              lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels, p.kl_reduction),
+              lambda labels, p: (all_positions(labels["retain"]) if p.kl_reduction == "batchmean"
+                                 else answer_tokens(labels["retain"])),
+              every_position=lambda p: p.kl_reduction == "batchmean")
 AP = LossTerm(
     ("retain", "retain_idk"),
     False,

@@ -136,6 +136,10 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         if importlib.util.find_spec(module) is None:
             raise UserError(f"--report_to {args.report_to}: the {module} package is not installed "
                             f"(pip install {module})")
+    if args.max_grad_norm is not None and args.max_grad_norm < 0:
+        raise UserError("--max_grad_norm must be at least 0 (0: no clipping)")
+    if args.me_floor < 0:
+        raise UserError("--me_floor must be at least 0 (0: the exact closed form)")
     if not 0 <= args.warmup_ratio < 1:
         raise UserError("--warmup_ratio must be in [0, 1)")
     if not args.mask and args.loss_type.split("+")[0] in ANSWER_METHODS:
@@ -314,6 +318,20 @@ def launch_accumulation() -> int:
     return int(value) if isinstance(value, int | str) and str(value).isdigit() else 1
 
 
+def resolve_max_grad_norm(args: argparse.Namespace, accumulation: int) -> float:
+    """``--max_grad_norm``, by default what the original's launch clipped at: nothing with plain ``python`` (it
+    clipped only ``if hasattr(args, 'max_grad_norm')``, an option it never defined); under DeepSpeed, ``1.0 x the
+    accumulation steps``. Its yaml had no ``gradient_clipping``, which accelerate filled with 1.0 for DeepSpeed,
+    while its loop divided each micro-batch's loss by the accumulation steps before DeepSpeed divided it again: the
+    gradient DeepSpeed clipped at 1.0 was the step's mean-loss gradient divided by the accumulation steps
+    (tests/trainer/test_original_clipping.py runs that loop on CPU DeepSpeed)."""
+    if args.max_grad_norm is not None:
+        return args.max_grad_norm
+    if deepspeed_zero_stage() is not None:
+        return 1.0 * accumulation
+    return 0.0
+
+
 def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
     """The run's ``TrainingArguments``. Build them before the model: under DeepSpeed ZeRO-3 they make
     ``from_pretrained`` partition the weights while loading."""
@@ -337,7 +355,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
         weight_decay=args.wd,
         lr_scheduler_type=args.lr_scheduler_type,
         warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a ratio of the optimizer steps
-        max_grad_norm=args.max_grad_norm,
+        max_grad_norm=resolve_max_grad_norm(args, accumulation),
         logging_steps=args.logging_steps,
         save_strategy="no",  # checkpoints every --save_steps epochs come from EpochCheckpointCallback
         save_total_limit=args.save_total_limit,  # counted over our checkpoint-epoch-N folders
@@ -429,6 +447,10 @@ def train(args: argparse.Namespace) -> Path:
     bf16 = _use_bf16(args)
     training_args = build_training_args(args, out_dir, bf16)  # before the model: ZeRO-3 partitions it as it loads
     check_deepspeed(training_args, args)
+    if args.max_grad_norm is None and training_args.max_grad_norm > 0:
+        logger.info("clipping gradients at %g (1.0 x %d accumulation steps), as the original's DeepSpeed launch did "
+                    "(README, \"Differences\"); --max_grad_norm to choose", training_args.max_grad_norm,
+                    training_args.gradient_accumulation_steps)
     tokenizer = load_tokenizer(args, template)
     dataset = build_dataset(args, tokenizer, template, data)  # all input errors surface before the model loads
     model = build_model(args, template, bf16, deepspeed=training_args.deepspeed_plugin is not None)
@@ -474,6 +496,7 @@ def train(args: argparse.Namespace) -> Path:
             _trim_log(log_path, TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).global_step)
         record = {**vars(args), "output_dir": str(out_dir), "resolved_from": args.output_dir,
                   "gradient_accumulation_steps": training_args.gradient_accumulation_steps, "bf16": bf16,
+                  "max_grad_norm": training_args.max_grad_norm,
                   "world_size": training_args.world_size, "train_items": len(dataset), "resumed_from": resume}
         write_json(out_dir / ARGS_FILE, record)
     logger.info("training %s on %d forget items for %d epoch%s -> %s", args.loss_type, len(dataset), args.num_epochs,
@@ -492,7 +515,19 @@ def train(args: argparse.Namespace) -> Path:
     final = save_final(trainer, out_dir, final_dir_name(args))
     if args.eval_tofu:
         evaluate_on_tofu(args, trainer, tokenizer, template, out_dir)
+    close_process_group()
     return final
+
+
+def close_process_group() -> None:
+    """End a multi-process run's process group before the interpreter exits: left to the interpreter's teardown,
+    gloo's and DeepSpeed's threads can abort a process that has finished its work ("terminate called without an
+    active exception"), failing a run whose outputs are all written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out_dir: Path) -> None:

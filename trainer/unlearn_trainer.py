@@ -142,6 +142,8 @@ class UnlearnTrainer(Trainer):
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
         self.hidden_parts = frozenset(p for t in terms if t.needs_hidden for p in t.parts)
         self.logit_parts = frozenset(p for t in terms if t.needs_logits for p in t.parts)
+        self.every_position_parts = frozenset(p for t in terms if t.every_position is not None
+                                              and t.every_position(self.params) for p in t.parts)
         # parts every reading term of which needs only per-token NLL / ME: no logits tensor is built for them
         self.fused_parts = frozenset(p for p in self.logit_parts if all(t.fusable for t in terms if p in t.parts)) \
             if fused_head else frozenset()
@@ -279,7 +281,7 @@ class UnlearnTrainer(Trainer):
             if name not in self.logit_parts:
                 # only hidden states are read: one logit position keeps the output head's cost at nothing
                 keep, labels = (1 if self.skip_unlabelled_logits else None), part["labels"]
-            elif wants_hidden:
+            elif wants_hidden or name in self.every_position_parts:
                 keep, labels = None, part["labels"]
             else:
                 keep, labels = self._kept_positions(part["labels"])

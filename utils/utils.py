@@ -174,14 +174,14 @@ def load_model_families(path: str | os.PathLike = MODEL_CONFIG_PATH) -> dict[str
 
 
 def missing_tag_tokens(template: ChatTemplate, tokenizer) -> list[str]:
-    """Special tokens of the family's tags (``<|im_start|>``, ``<|eot_id|>``, ...) that ``tokenizer`` does not
-    know as single tokens: a sign that ``--model_family`` does not fit the model (its tags would be split
-    into ordinary text pieces the model never saw as markers)."""
+    """Special tokens of the family's tags (``<|im_start|>``, ``<|eot_id|>``, Gemma's ``<start_of_turn>``, ...)
+    that ``tokenizer`` does not know as single tokens: a sign that ``--model_family`` does not fit the model (its
+    tags would be split into ordinary text pieces the model never saw as markers)."""
     import re
 
     tags = template.question_start_tag + template.question_end_tag + template.answer_tag
     vocab = tokenizer.get_vocab()
-    return sorted({tok for tok in re.findall(r"<\|[^|<>]+\|>", tags) if tok not in vocab})
+    return sorted({tok for tok in re.findall(r"<\|[^|<>]+\|>|<[a-z]+(?:_[a-z]+)+>", tags) if tok not in vocab})
 
 
 def load_chat_template(family: str, path: str | os.PathLike = MODEL_CONFIG_PATH) -> ChatTemplate:

@@ -163,20 +163,27 @@ def build_target_model(
     epochs: int = 60,
     lr: float = 3e-3,
     seed: int = 0,
+    bos_token: str | None = None,
+    repetition_penalty: float | None = None,
 ) -> Path:
     """Build a tiny model that has memorised ``pairs`` (the "original model" to unlearn from) and save it.
 
     The tokenizer is trained on the pairs' text (plus filler), the model from scratch, then fine-tuned on
-    the pairs formatted with ``family``'s chat tags. Deterministic for a given seed.
+    the pairs formatted with ``family``'s chat tags. Deterministic for a given seed. ``bos_token``: a tokenizer
+    that adds it (see :func:`build_tokenizer`); ``repetition_penalty``: written to the model's generation_config.
     """
     from utils.utils import load_chat_template, seed_everything
 
     seed_everything(seed)
     template = load_chat_template(family)
-    tokenizer = build_tokenizer([f"{q} {a}" for q, a in pairs])
+    tokenizer = build_tokenizer([f"{q} {a}" for q, a in pairs], bos_token=bos_token)
     model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers,
                         num_heads=max(1, hidden_size // 32), seed=seed)
     memorise(model, tokenizer, template, pairs, epochs=epochs, lr=lr, seed=seed)
+    if bos_token:
+        model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if repetition_penalty is not None:
+        model.generation_config.repetition_penalty = repetition_penalty
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

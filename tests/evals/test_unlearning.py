@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import evaluate_unlearning
+from evals.mia import MiaOptions
 from evals.unlearning import grad_norms, summarise, token_stats
 from tests.conftest import run_script
 from utils.utils import load_chat_template, write_jsonl
@@ -40,7 +41,7 @@ def run_eval(target, holdout, out: Path, *extra: str) -> dict:
 def test_planted_members_are_detected_and_unlearning_hides_them(target, holdout, tmp_path):
     """The target memorised the forget facts: every MIA score separates them from holdout facts (AUC near 1),
     EM and ES are 1 on them. After ME+GD (5 epochs, lr 5e-3, --mask true) the loss AUC moves toward 0.5
-    (measured 0.676; before 1.000) and PrivLeak against the target's own AUC is negative."""
+    (measured 0.676; before 1.000)."""
     from trainer.recipe import main_for
 
     before = run_eval(target, holdout, tmp_path / "target")
@@ -60,8 +61,8 @@ def test_planted_members_are_detected_and_unlearning_hides_them(target, holdout,
     print({k: round(v, 3) for k, v in after["auc"].items()})
     assert abs(after["auc"]["loss"] - 0.5) < abs(before["auc"]["loss"] - 0.5) - 0.1
     assert after["sets"]["forget"]["loss"] > before["sets"]["forget"]["loss"] + 2
-    assert after["priv_leak"]["loss"] == pytest.approx((after["auc"]["loss"] - before["auc"]["loss"])
-                                                       / before["auc"]["loss"] * 100)
+    a, r = after["auc"]["loss"], before["auc"]["loss"]  # MUSE's orientation, open-unlearning's 1e-10
+    assert after["priv_leak"]["loss"] == pytest.approx(((1 - a) - (1 - r)) / ((1 - r) + 1e-10) * 100)
     assert "reference" in after["auc"]  # the adapter's base is the reference
 
     log = json.loads((tmp_path / "me_gd" / "eval_log.json").read_text())
@@ -73,8 +74,9 @@ def test_planted_members_are_detected_and_unlearning_hides_them(target, holdout,
 
 
 def test_reference_and_gradnorm_by_hand(target, trained_adapter):
-    """Reference = the adapter model's mean answer NLL minus the base's, per item; GradNorm = the L2 norm of
-    the gradient of that NLL over every weight, with the requires_grad flags left as they were."""
+    """Reference = the adapter model's mean answer NLL minus the base's, per item; GradNorm = the mean of the
+    per-tensor gradient norms of that NLL (without the EOS label) over the model's weights (or, global, the norm
+    of the whole gradient), with the requires_grad flags left as they were."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,14 +102,19 @@ def test_reference_and_gradnorm_by_hand(target, trained_adapter):
 
     batch = ForgetRetainCollator(tokenizer.pad_token_id)(
         [{"x": encode_qa(tokenizer, template, *pairs[0], 512, mask=True)}])["x"]
-    params = [p for p in model.parameters()]
+    # open-unlearning's GradNorm: the mean over weight tensors of each one's gradient norm, the answer's last
+    # label (its EOS) left out; the weights are the merged model's (the base's, with the adapter applied)
+    params = [p for n, p in model.named_parameters() if "lora_" not in n]
     for p in params:
         p.requires_grad_(True)
-    nll, mask = token_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                          batch["labels"])
-    grads = torch.autograd.grad(nll.sum() / mask.sum(), params, allow_unused=True)
-    expected = math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
-    assert norms[0] == pytest.approx(expected, rel=1e-5)
+    labels = batch["labels"].clone()
+    last = int((labels[0] != -100).nonzero().max())
+    labels[0, last] = -100
+    nll, mask = token_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels)
+    grads = [g for g in torch.autograd.grad(nll.sum() / mask.sum(), params, allow_unused=True) if g is not None]
+    assert norms[0] == pytest.approx(sum(float(g.norm()) for g in grads) / len(grads), rel=1e-5)
+    whole = grad_norms(model, tokenizer, template, pairs[:1], options=MiaOptions(gradnorm_reduction="global"))
+    assert whole[0] == pytest.approx(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)), rel=1e-5)
 
 
 def test_summary_leaves_out_scores_that_are_missing_and_needs_both_sets():
@@ -119,7 +126,7 @@ def test_summary_leaves_out_scores_that_are_missing_and_needs_both_sets():
     assert summary["sets"]["forget"]["refusal_rate"] is None and summary["sets"]["forget"]["items"] == 2
     assert "auc" not in summarise({"forget": [row]})
     leak = summarise({"forget": [row], "holdout": [other]}, {"auc": {"loss": 0.5}})["priv_leak"]
-    assert leak == {"loss": pytest.approx(100.0)}
+    assert leak == {"loss": pytest.approx(-100.0)}  # MUSE's orientation: every forget item still detected
 
 
 def test_input_mistakes_are_one_line_errors(target, holdout, tmp_path, capsys):
@@ -209,7 +216,7 @@ def test_gradnorm_holds_one_weight_gradient_at_a_time(target, trained_adapter):
 
     model = load_model(target["model"], trained_adapter, dtype="float32", device="cpu")
     tokenizer = load_tokenizer(target["model"], trained_adapter)
-    params = [p.requires_grad_(True) for p in model.parameters() if p.is_floating_point()]
+    params = [p.requires_grad_(True) for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n]
     alive: list[int] = []
 
     def count(param):

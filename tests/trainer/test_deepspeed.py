@@ -89,8 +89,9 @@ def plain_runs(target, tmp_path_factory) -> dict[str, Path]:
     accumulation of 16 over 2 processes meets the 8 items each process has an epoch: one step an epoch)."""
     root = tmp_path_factory.mktemp("plain")
     runs = {}
-    for name, extra in PLAIN.items():
-        forget_me_gd.main(base_args(target, root / name, *COMMON, *extra, "--gradient_accumulation_steps", "16"))
+    for name, extra in PLAIN.items():  # the DeepSpeed launches clip at 1.0 x 16 by default (README, "Differences")
+        forget_me_gd.main(base_args(target, root / name, *COMMON, *extra, "--gradient_accumulation_steps", "16",
+                                    "--max_grad_norm", "16"))
         runs[name] = only_run(root / name)
     return runs
 
@@ -127,14 +128,15 @@ def test_deepspeed_trains_as_one_process_with_the_same_global_batch(target, tmp_
 
 
 def test_headline_config_disagreeing_with_the_arguments_is_one_error_line(target, tmp_path):
-    """accelerate_config.yaml used to say gradient_clipping: 1.0 while --max_grad_norm defaults to 0: transformers
-    stopped inside train(), after the model loaded, with a traceback. Now the DeepSpeed values are compared with
+    """accelerate_config.yaml used to say gradient_clipping: 1.0 while --max_grad_norm defaulted to 0 (now: under
+    DeepSpeed, 1.0 x the accumulation steps): transformers stopped inside train(), after the model loaded, with a
+    traceback. Now the DeepSpeed values are compared with
     the arguments before any model loads: one error line, exit code 2."""
     proc = launch_deepspeed("forget_me_gd.py", base_args(target, tmp_path), "--gradient_clipping", "1.0")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert "gradient_clipping 1.0 but --max_grad_norm 0.0" in lines[0] and "auto" in lines[0]
+    assert "gradient_clipping 1.0 but --max_grad_norm 16.0" in lines[0] and "auto" in lines[0]
     ours = proc.stderr.split("failed (exitcode")[0]  # what the processes wrote; the launcher's report follows
     assert "Traceback" not in ours and "error:" in ours
     assert not (tmp_path / "adapter").exists() or not any((tmp_path / "adapter").rglob("final_lora_model"))

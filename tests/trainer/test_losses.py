@@ -51,9 +51,75 @@ def test_me_loss_hand_value():
     """At position 0, p = (1/4, 3/4): KL(u || p) = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln(4/3).
     Position 1 is uniform: KL = 0. Over the two counted positions the mean is ln(4/3) / 4."""
     logits, labels = two_class_logits(), torch.tensor([[0, 1, 0]])
-    assert me_loss(logits, labels).item() == pytest.approx(math.log(4 / 3) / 4, abs=1e-12)
+    assert me_loss(logits, labels, floor=0).item() == pytest.approx(math.log(4 / 3) / 4, abs=1e-12)
     # only position 0 counted: 1/2 ln(4/3)
-    assert me_loss(logits, torch.tensor([[0, 1, -100]])).item() == pytest.approx(math.log(4 / 3) / 2, abs=1e-12)
+    only = torch.tensor([[0, 1, -100]])
+    assert me_loss(logits, only, floor=0).item() == pytest.approx(math.log(4 / 3) / 2, abs=1e-12)
+    # the competition's floor of 1e-12 moves it by about mean(1e-12 / p): far below any tolerance here
+    assert me_loss(logits, only).item() == pytest.approx(math.log(4 / 3) / 2, abs=1e-10)
+
+
+def peaked_logits(seed: int = 0, vocab: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
+    """A memorised model's logits: each counted position puts ~1 - 1e-6 on its label and spreads the rest over a
+    few runners-up, most of the vocabulary sitting 30-60 nats below (p far under 1e-12, where the floor binds)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (2, 7), generator=gen)
+    labels[0, :2] = -100
+    logits = -30.0 - 30.0 * torch.rand(2, 7, vocab, generator=gen, dtype=torch.float64)
+    logits[..., :20] += 25.0  # runners-up around 1e-6 .. 1e-10
+    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=0).clamp(min=0)
+    logits.scatter_(2, target.unsqueeze(-1), 0.0)
+    return logits, labels
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_me_is_the_competitions_formula_on_peaked_logits_in_value_and_gradient(fused):
+    """On logits like a memorised model's (most of the vocabulary far below 1e-12), ME with the default floor
+    equals the competition's kl_div((softmax(z) + 1e-12).log(), uniform) in value and gradient (through the
+    chunked logits path and through the fused head), while the exact closed form (floor 0) is far from it:
+    there the floor caps -log p at 27.6 and takes the gradient of the entries below it away."""
+    from evals.logprobs import HeadInput
+
+    logits, labels = peaked_logits()
+    below = (torch.softmax(logits, -1) < 1e-12).double().mean().item()
+    assert below > 0.9  # as a memorised model's (44-66 % on SmolLM2; more on a 152k vocabulary)
+
+    def ours(z, floor=None):
+        kwargs = {} if floor is None else {"floor": floor}
+        if not fused:
+            return me_loss(z, labels, **kwargs)
+        eye = torch.eye(z.size(-1), dtype=z.dtype)  # head weight = identity: the hidden states are the logits
+        return me_loss(HeadInput(z, eye), labels, **kwargs)
+
+    z1, z2, z3 = (logits.clone().requires_grad_(True) for _ in range(3))
+    value, original, closed = ours(z1), naive_me(z2, labels), ours(z3, floor=0.0)
+    (value * 3).backward()
+    (original * 3).backward()
+    closed.backward()
+    assert value.item() == pytest.approx(original.item(), rel=1e-9)
+    assert torch.allclose(z1.grad, z2.grad, rtol=1e-7, atol=1e-12)
+    assert abs(closed.item() - original.item()) > 0.1 * original.item()  # the floor matters here
+    assert (z3.grad - z2.grad / 3).norm() > 0.01 * z3.grad.norm()
+    closed_form = (torch.logsumexp(logits, -1) - logits.mean(-1) - math.log(logits.size(-1)))
+    counted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100) != -100
+    assert closed.item() == pytest.approx(closed_form[counted].mean().item(), rel=1e-12)
+
+
+def test_me_floor_gradient_by_hand():
+    """V = 3, p = (1 - 2d, d, d) with d = 1e-20 far below the floor e: each tiny entry's gradient is
+    (p_j R - r_j) / V with r_j = p_j / (p_j + e) ~ 1e-8 and R ~ 1: almost nothing, where the closed form gives
+    p_j - 1/V = -1/3. The value: -ln 3 - (ln(1 - 2d + e) + 2 ln(d + e)) / 3."""
+    d, e = 1e-20, 1e-12
+    z = torch.tensor([[[0.0, math.log(d), math.log(d)], [0.0, 0.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, 1]])
+    loss = me_loss(z, labels, floor=e)
+    p = torch.softmax(z.detach()[0, 0], -1)
+    expected = -math.log(3) - (math.log(p[0].item() + e) + 2 * math.log(p[1].item() + e)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    r = p / (p + e)
+    assert torch.allclose(z.grad[0, 0], (p * r.sum() - r) / 3, rtol=1e-6, atol=1e-15)  # cancellation near 1
+    assert z.grad[0, 0, 1].abs().item() < 1e-8
 
 
 def test_ap_loss_hand_value():
@@ -160,7 +226,7 @@ def test_against_original_definitions(random_batch):
     logits, labels = random_batch
     idk_logits, idk_labels = logits.flip(0), labels.flip(0)
     beta = 0.1
-    assert me_loss(logits, labels).item() == pytest.approx(naive_me(logits, labels).item(), abs=1e-4)
+    assert me_loss(logits, labels).item() == pytest.approx(naive_me(logits, labels).item(), abs=1e-12)
     hf = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert nll_loss(logits, labels).item() == pytest.approx(hf.item(), abs=1e-10)
     ap_ref = -F.logsigmoid(beta * (naive_batch_nll(idk_logits, idk_labels) - naive_batch_nll(logits, labels))).mean()
@@ -173,6 +239,31 @@ def test_against_original_definitions(random_batch):
     p_cur = F.softmax(logits[:, :-1], -1)[mask]
     kl_ref = (p_ref * (p_ref.log() - p_cur.log())).sum(-1).mean()
     assert kl_loss(logits, ref, labels).item() == pytest.approx(kl_ref.item(), abs=1e-4)
+
+
+def test_kl_reductions():
+    """Per-position KL (0, 0.2, 0.4, 1.0) with positions 1 and 2 predicting answer tokens: 0.3 over answer tokens,
+    0.4 as open-unlearning's batchmean (every position of the flattened batch). Transcribed: their
+    compute_kl_divergence is F.kl_div(log q, log p_ref, reduction="batchmean", log_target=True) on (B*T, V)."""
+    ref = torch.zeros(1, 4, 2, dtype=torch.float64)  # uniform reference
+    targets = torch.tensor([0.0, 0.2, 0.4, 1.0], dtype=torch.float64)
+
+    def two_class_with_kl(k: float) -> torch.Tensor:  # logits whose KL(uniform || softmax) is k
+        from scipy.optimize import brentq
+
+        q = brentq(lambda q: 0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q)) - k, 1e-12, 0.5) if k else 0.5
+        return torch.tensor([math.log(q), math.log(1 - q)], dtype=torch.float64)
+
+    logits = torch.stack([two_class_with_kl(k.item()) for k in targets])[None]
+    labels = torch.tensor([[-100, -100, 1, 0]])  # positions 1 and 2 predict answer tokens
+    labels_shifted_from = torch.tensor([[-100, -100, 5, 6]])
+    assert kl_loss(logits, ref, labels_shifted_from).item() == pytest.approx((0.2 + 0.4) / 2, abs=1e-9)
+    assert kl_loss(logits, ref, labels, "batchmean").item() == pytest.approx(1.6 / 4, abs=1e-9)
+    theirs = F.kl_div(F.log_softmax(logits.view(-1, 2), -1), F.log_softmax(ref.view(-1, 2), -1),
+                      reduction="batchmean", log_target=True)
+    assert kl_loss(logits, ref, labels, "batchmean").item() == pytest.approx(theirs.item(), rel=1e-12)
+    with pytest.raises(ValueError):
+        kl_loss(logits, ref, labels, "mean")
 
 
 def test_me_chunking_matches_unchunked(random_batch, monkeypatch):
@@ -248,6 +339,7 @@ def test_me_backward_equals_autograd_of_the_original(random_batch, monkeypatch):
     naive = logits.clone().requires_grad_(True)
     (2.0 * me_loss(ours, labels)).backward()
     (2.0 * naive_me(naive, labels)).backward()
-    assert torch.allclose(ours.grad, naive.grad, atol=1e-7)  # the original adds 1e-12 inside its log
+    assert torch.allclose(ours.grad, naive.grad, atol=1e-12)  # the same formula, 1e-12 inside its log
     small = logits[:1, :6, :7].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: me_loss(z, labels[:1, :6]), (small,))
+    assert torch.autograd.gradcheck(lambda z: me_loss(z, labels[:1, :6], floor=0.0), (small,))

@@ -69,6 +69,48 @@ def test_every_term_is_a_mean_over_its_units(loss_type, index):
     assert (full * n_full).item() == pytest.approx(sum((v * n).item() for v, n in parts), rel=1e-9, abs=1e-12)
 
 
+def test_kl_batchmean_is_a_mean_over_every_position_and_reads_them_all(target, tmp_path):
+    """--kl_reduction batchmean: the KL term's units are every position of its part (so the step's mean is still
+    exact across micro-batches), and the trainer hands it the logits of every position, not only those that
+    predict answer tokens; its value equals open-unlearning's batchmean on the whole batch."""
+    import torch.nn.functional as F
+
+    from dataset.data_module import ForgetRetainCollator
+    from trainer import recipe
+    from trainer.unlearn_trainer import UnlearnTrainer
+
+    term = LOSSES["NPO+KL"][1]
+    params = LossParams(kl_reduction="batchmean")
+    outputs = random_outputs(4)
+    full = term.compute(outputs, params).double()
+    n_full = term.units({k: v.labels for k, v in outputs.items()}, params).double()
+    assert n_full == outputs["retain"].labels.numel()
+    parts = [(term.compute(rows_of(outputs, sl), params).double(),
+              term.units({k: v.labels[sl] for k, v in outputs.items()}, params).double())
+             for sl in (slice(0, 1), slice(1, 4))]
+    assert (full * n_full).item() == pytest.approx(sum((v * n).item() for v, n in parts), rel=1e-9)
+
+    args = recipe.build_parser("me_gd", "").parse_args(base_args(target, tmp_path, "--loss_type", "NPO+KL",
+                                                                 "--kl_reduction", "batchmean"))
+    template = recipe.load_chat_template("tiny")
+    tokenizer = recipe.load_tokenizer(args, template)
+    dataset = recipe.build_dataset(args, tokenizer, template)
+    model = recipe.build_model(args, template, False)
+    forget, retain = LOSSES["NPO+KL"]
+    trainer = UnlearnTrainer(model=model, args=recipe.build_training_args(args, tmp_path / "run", False),
+                             train_dataset=dataset, forget_term=forget, retain_term=retain,
+                             params=recipe.loss_params(args))
+    assert trainer.every_position_parts == {"retain"}
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    _, out = trainer.compute_loss(model, batch, return_outputs=True)
+    retain_ids = batch["retain"]["input_ids"]
+    assert out["retain"].logits.shape[:2] == retain_ids.shape  # every position
+    theirs = F.kl_div(F.log_softmax(out["retain"].logits.reshape(-1, out["retain"].logits.size(-1)), -1),
+                      F.log_softmax(out["retain"].ref_logits.reshape(-1, out["retain"].logits.size(-1)), -1),
+                      reduction="batchmean", log_target=True)
+    assert retain.compute(out, trainer.params).item() == pytest.approx(theirs.item(), rel=1e-6)
+
+
 # --------------------------------------------------------------------------- 1 process = 2 processes = accumulation
 
 
