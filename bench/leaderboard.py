@@ -155,8 +155,10 @@ def table(rows: list[dict], args: argparse.Namespace, threads: int) -> str:
         "Columns: ROUGE-L F of greedy answers against the gold answers (forget: lower is better; retain: "
         "higher), general: against the untouched model's answers (higher); AUC: forget vs holdout facts, "
         "0.5 = indistinguishable from never-seen facts (the goal), 1 = still detectable, < 0.5 = over-unlearned; "
-        "PrivLeak: (AUC − AUC of the retain-only model) / that AUC, 0 ideal; ES: extraction strength on "
-        "forget facts (0 best); refusals: share of forget answers that are refusals.", "",
+        "PrivLeak (MUSE's, on the LOSS AUC): ((1 − AUC) − (1 − AUC of the retain-only model)) / (1 − that AUC) "
+        "x 100: 0 ideal, strongly negative = the forget facts are still detectable (under-unlearning; a model that "
+        "knows them scores about −100), positive = over-unlearning; ES: extraction strength on forget facts "
+        "(1/n at best: open-unlearning's definition); refusals: share of forget answers that are refusals.", "",
         "| method | forget ROUGE | retain ROUGE | general ROUGE | AUC LOSS | AUC Min-K%++ | PrivLeak % | ES | "
         "refusals | minutes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -170,7 +172,7 @@ def table(rows: list[dict], args: argparse.Namespace, threads: int) -> str:
         "Reading it: the retain-only model is the target to aim for, not a forget ROUGE of 0: the facts share "
         "their wording (the person's name is in the question and again in the answer), so even a model that "
         "never saw them scores well above 0. A forget ROUGE far below it with retain and general ROUGE down "
-        "too is damage, not forgetting; an AUC far below 0.5 (negative PrivLeak) means the forget facts now "
+        "too is damage, not forgetting; an AUC far below 0.5 (positive PrivLeak) means the forget facts now "
         "look *less* familiar than never-seen ones, itself a tell. Refusal methods (IDK+AP, DPO) lower "
         "ROUGE by refusing while the likelihoods (AUC, ES) can still show the facts. minutes: training only "
         "(evaluation is the same for all).",

@@ -152,3 +152,14 @@ def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], family: str) -> f
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return nll_loss(logits, batch["labels"]).item()
+
+
+# Files that take longest run first: with one worker per core taking whole files (pytest -n auto --dist
+# loadfile), a long file started last would leave the other workers idle at the end.
+LONGEST_FIRST = ("test_real_model.py", "test_real_gemma.py", "test_deepspeed.py", "test_unlearning.py",
+                 "test_prompts.py", "test_predict_demo.py", "test_evaluate.py", "test_demo.py", "test_reliability.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
