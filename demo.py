@@ -306,9 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
         answers = cache / "original.jsonl" if name == "original" else results / "unlearned.jsonl"
         stages.run(f"score the {name} model (judge: the target model itself; no </think>, so its verdicts are "
                    "all ties)",
-                   [py, "evaluate.py", "--model_name", str(target), "--test_data", args.valid_data,
+                   [py, "evaluate.py", "--model_path", str(target), "--test_data", args.valid_data,
                     "--user_out_path", str(answers), "--we_out_path", str(cache / "original.jsonl"),
-                    "--out_path", str(out / "scores" / f"{name}.jsonl"), "--backend", "transformers",
+                    "--out", str(out / "scores" / f"{name}.jsonl"), "--backend", "transformers",
                     "--judge_max_tokens", "8", "--overwrite"], "evaluate")
         scores[name] = {**json.loads((out / "scores" / f"{name}.jsonl").read_text()),
                         **extra_metrics(args, results, cache, name)}

@@ -9,7 +9,9 @@ Categories by `name_key` prefix (as the competition read them, `name_key.startsw
 `choice` (the text after 【答案】 must match), `qa` (an LLM judge compares the original model's answer
 with the unlearned model's). Items with none of these prefixes are counted as "other" and not scored.
 A category with no item is an error (`--allow_missing_categories` leaves it out of the score).
-`--model_name none` skips the judge (then `score` and `participant_win` are null). The judge prompt is
+The judge is `--model_path` (the seed's `--model_name`), the scores go to `--out` (the seed's `--out_path`): the
+option names of every evaluation command. `--model_path none` skips the judge (then `score` and
+`participant_win` are null). The judge prompt is
 the project's own unless `--judge_prompt FILE` (three `{}` slots: question, original answer, unlearned
 answer); pass the competition's prompt file for the competition's number. Writes one JSON line.
 """
@@ -33,7 +35,9 @@ from evals.atec import (
     judge_messages,
     parse_verdict,
 )
-from evals.generation import BACKENDS, GenerationConfig, build_prompts, generate
+from evals.generation import BACKENDS, generate
+from evals.prompts import build_prompts
+from evals.sampling import GenerationConfig
 from utils.utils import (
     ScriptParser,
     UserError,
@@ -51,13 +55,15 @@ logger = logging.getLogger(__name__)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ScriptParser(__doc__)
-    parser.add_argument("--model_name", default="none", help="judge model folder, or 'none' to skip the judge")
+    parser.add_argument("--model_path", "--model_name", dest="model_path", default="none",
+                        help="the judge model's folder, or 'none' to skip the judge (the seed's --model_name)")
     parser.add_argument("--test_data", required=True, help="validation set (conversation format, with name_key)")
     parser.add_argument("--user_out_path", required=True, help="the unlearned model's answers ({'text'} JSONL)")
     parser.add_argument("--we_out_path", default=None, help="the original model's answers (needed by the judge)")
-    parser.add_argument("--out_path", required=True, help="where to write the scores (one JSON line)")
+    parser.add_argument("--out", "--out_path", dest="out", required=True,
+                        help="where to write the scores (one JSON line; the seed's --out_path)")
     parser.add_argument("--details_path", default=None, help="optional JSONL of per-item scores")
-    bool_arg(parser, "--overwrite", False, "replace an existing --out_path / --details_path file")
+    bool_arg(parser, "--overwrite", False, "replace an existing --out / --details_path file")
     bool_arg(parser, "--allow_missing_categories", False,
              "score a test file that lacks a category by leaving that term out (default: an error)")
     judge = parser.add_argument_group("judge")
@@ -109,7 +115,7 @@ def judge_verdicts(args: argparse.Namespace, prompt: str, questions: list[str], 
     returns the verdicts by item index (the competition's rule) and the raw replies."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
     texts = judge_messages(prompt, [questions[i] for i in qa_index], [original[i] for i in qa_index],
                            [unlearned[i] for i in qa_index])
     if tokenizer.chat_template:
@@ -122,7 +128,7 @@ def judge_verdicts(args: argparse.Namespace, prompt: str, questions: list[str], 
                               batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
                               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                               trust_remote_code=args.trust_remote_code, seed=args.seed)
-    replies = generate(args.model_name, prompts, config, backend=args.backend) if prompts else []
+    replies = generate(args.model_path, prompts, config, backend=args.backend) if prompts else []
     return {i: parse_verdict(r) for i, r in zip(qa_index, replies, strict=True)}, replies
 
 
@@ -146,7 +152,7 @@ def print_table(record: dict) -> None:
     if judge:
         print(f"judge: {judge['win']} win / {judge['tie']} tie / {judge['loss']} loss")
     else:
-        print("judge skipped (--model_name none): score and win rate are not computed")
+        print("judge skipped (--model_path none): score and win rate are not computed")
 
 
 def check_categories(args: argparse.Namespace, items: list, use_judge: bool) -> None:
@@ -176,17 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     items = load_qa_jsonl(args.test_data)
     unlearned = load_predictions(args.user_out_path, args.test_data, len(items))
-    check_output_free(args.out_path, args.overwrite, "--out_path")
+    check_output_free(args.out, args.overwrite, "--out (--out_path)")
     if args.details_path:
         check_output_free(args.details_path, args.overwrite, "--details_path")
-    use_judge = args.model_name.lower() != "none"
+    use_judge = args.model_path.lower() != "none"
     keys = [it.name_key for it in items]
     check_categories(args, items, use_judge)
     prompt = load_judge_prompt(args.judge_prompt)
     qa_index = [i for i, key in enumerate(keys) if category(key) == "qa"]
     verdicts, replies = None, []
     if use_judge:
-        check_model_folder(args.model_name, "--model_name")
+        check_model_folder(args.model_path, "--model_path (--model_name)")
         if args.we_out_path is None:
             raise UserError("--we_out_path (the original model's answers) is needed by the judge")
         original = load_predictions(args.we_out_path, args.test_data, len(items))
@@ -198,13 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     except (MissingCategoryError, ValueError) as err:
         raise UserError(f"{args.test_data}: {err}") from None
     record = result.as_record()
-    write_json(args.out_path, record, indent=None)
+    write_json(args.out, record, indent=None)
     if args.details_path:
         reply_of = dict(zip(qa_index, replies, strict=False))
         write_jsonl(args.details_path, [{**d, **({"judge_reply": reply_of[d["index"]]} if d["index"] in reply_of
                                                 else {})} for d in result.details])
     print_table(record)
-    print(f"scores written to {args.out_path}: {json.dumps(record, ensure_ascii=False)}")
+    print(f"scores written to {args.out}: {json.dumps(record, ensure_ascii=False)}")
     return record
 
 

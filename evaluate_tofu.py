@@ -6,15 +6,15 @@ Evaluate a model (a merged model, a base model, or a base model + `--adapter`) o
         --adapter adapter/ME+GD_epoch5_3e-05_maskFalse_0.9/final_lora_model \
         --forget_path tofu/forget10_perturbed.json --retain_path tofu/retain_perturbed.json \
         --real_authors_path tofu/real_authors_perturbed.json --world_facts_path tofu/world_facts_perturbed.json \
-        --save_dir results/tofu_me_gd --retain_result logs/retain90_eval_log_aggregated.json
+        --out results/tofu_me_gd --retain_result logs/retain90_eval_log_aggregated.json
 
 Aggregate two existing logs (names as TOFU's aggregate script):
 
     python evaluate_tofu.py --aggregate --ckpt_result CKPT.json --retain_result RETAIN.json --save_file OUT.json
 
 Writes `eval_log_aggregated.json` (TOFU's layout) and `aggregate_stat.json` (Model Utility, Forget
-Quality and the twelve sub-metrics, by TOFU's names) into `--save_dir`. Forget quality needs the log
-of a model trained on the retain split only (`--retain_result`); without it, it is null. The formulas
+Quality and the twelve sub-metrics, by TOFU's names) into `--out` (the earlier `--save_dir`). Forget quality
+needs the log of a model trained on the retain split only (`--retain_result`); without it, it is null. The formulas
 are in `evals/tofu.py`.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from evals.tofu import aggregate
 from evals.tofu_cli import add_tofu_set_args, format_table, load_log, run_evaluation, set_paths
-from utils.utils import ScriptParser, UserError, bool_arg, run_cli, setup_logging, write_json
+from utils.utils import ScriptParser, UserError, add_evaluated_model_args, bool_arg, run_cli, setup_logging, write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,12 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ckpt_result", help="an eval_log_aggregated.json to aggregate")
     parser.add_argument("--retain_result", help="a retain-only model's eval_log_aggregated.json (forget quality)")
     parser.add_argument("--save_file", help="--aggregate: where to write the result JSON")
-    parser.add_argument("--model_path", help="model folder (base or merged)")
-    parser.add_argument("--adapter", help="optional PEFT adapter on top of --model_path")
-    parser.add_argument("--model_family", default="llama2-7b", help="chat tags from config/model_config.yaml")
-    parser.add_argument("--save_dir", default="results/tofu", help="where the logs go")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
-    bool_arg(parser, "--trust_remote_code", False, "allow the model folder's own Python code to run")
+    add_evaluated_model_args(parser, family="llama2-7b", required=False)
+    parser.add_argument("--out", "--save_dir", dest="out", default="results/tofu",
+                        help="folder for the logs (the earlier --save_dir)")
     add_tofu_set_args(parser)
     return parser.parse_args(argv)
 
@@ -57,9 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_table(stats))
         return stats
 
-    from evals.generation import load_for_eval
     from evals.shard import current_shard
-    from utils.loading import trusts_remote_code
+    from utils.loading import load_for_eval, trusts_remote_code
     from utils.utils import load_chat_template
 
     if not args.model_path:
@@ -71,11 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     shard = current_shard()  # under accelerate launch / torchrun: every process takes its share of the batches
     model, tokenizer = load_for_eval(args.model_path, args.adapter, args.dtype,
                                      trusts_remote_code(args.trust_remote_code, template))
-    stats = run_evaluation(model, tokenizer, template, paths, Path(args.save_dir), args.retain_result,
+    stats = run_evaluation(model, tokenizer, template, paths, Path(args.out), args.retain_result,
                            args.ds_size, args.tofu_batch_size, shard, args.tofu_generation_batch_size)
     if shard.is_main:
         print(format_table(stats))
-        print(f"logs written to {args.save_dir}/eval_log_aggregated.json and aggregate_stat.json")
+        print(f"logs written to {args.out}/eval_log_aggregated.json and aggregate_stat.json")
     return stats
 
 

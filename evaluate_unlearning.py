@@ -11,7 +11,7 @@ questions with reference answers (e.g. the untouched model's own). Writes to `--
 `eval_log.json` (every item of every set: answer, ROUGE, refusal, the six MIA scores, EM, ES),
 `summary.json` (per-set means; AUC of every MIA score, forget vs holdout; PrivLeak against
 `--retain_only_summary`, the summary.json of a model never trained on the forget set) and `summary.md`.
-Definitions and orientation: README, "Did it really forget?", and `evals/mia.py`.
+Definitions and orientation: docs/evaluation.md, "Did it really forget?", and `evals/mia.py`.
 """
 
 from __future__ import annotations
@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.utils import ScriptParser, UserError, bool_arg, run_cli, setup_logging
+from utils.utils import ScriptParser, UserError, add_evaluated_model_args, bool_arg, run_cli, setup_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ScriptParser(__doc__)
-    parser.add_argument("--model_path", required=True, help="model folder (base, target or merged)")
-    parser.add_argument("--adapter", help="a PEFT adapter on top of --model_path (its Reference score uses "
-                                          "--model_path with the adapter off)")
+    add_evaluated_model_args(parser, adapter_help="a PEFT adapter on top of --model_path (its Reference score uses "
+                                                  "--model_path with the adapter off)")
     parser.add_argument("--reference_model", help="without --adapter: a model folder for the Reference score")
-    parser.add_argument("--model_family", required=True, help="chat tags from config/model_config.yaml")
     sets = parser.add_argument_group("sets (JSONL; at least --forget)")
     sets.add_argument("--forget", required=True, help="items that were to be forgotten (MIA members)")
     sets.add_argument("--retain", help="items to keep")
@@ -49,10 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "or the norm of the whole gradient")
     parser.add_argument("--backend", default="auto", choices=["auto", "vllm", "transformers"],
                         help="generation backend (vLLM only without --adapter; auto: vLLM with a CUDA GPU)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
     bool_arg(parser, "--gradnorm", True, "compute the GradNorm score (one backward pass per item)")
     bool_arg(parser, "--overwrite", False, "replace an existing --out folder's results")
-    bool_arg(parser, "--trust_remote_code", False, "allow the model folder's own Python code to run")
     return parser.parse_args(argv)
 
 
@@ -82,18 +78,13 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from evals.generation import (
-        GenerationConfig,
-        choose_backend,
-        generate,
-        generate_with_model,
-        load_for_eval,
-        release_engines,
-    )
+    from evals.generation import choose_backend, generate, generate_with_model
     from evals.mia import MiaOptions
+    from evals.sampling import GenerationConfig
     from evals.shard import current_shard
     from evals.unlearning import adapter_off_reference, evaluate_sets, format_summary, reference_nlls, summarise
-    from utils.loading import trusts_remote_code
+    from evals.vllm_engine import release_engines
+    from utils.loading import load_for_eval, trusts_remote_code
     from utils.utils import load_chat_template, write_json
 
     args = parse_args(argv)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dataset.data_module import load_predictions, load_qa_jsonl
 from evals.atec import atec_rouge_l_or_none
-from evals.generation import add_generation_args, predict_answers
+from evals.predict import add_generation_args, predict_answers
 from utils.utils import (
     ScriptParser,
     UserError,

@@ -7,8 +7,8 @@ Backends: vLLM (tensor-parallel) when it is installed and a GPU is present, else
 (batched, left padding); `--backend` forces one. Prompts go through the model's own chat template (its
 default system prompt included), as the competition's inference engine built them; `--prompt_format tags`
 builds them as training did instead, from the model family's tags in config/model_config.yaml
-(`--model_type` takes a family or an alias such as `qwen2_5`). Greedy, at most 2,048 new tokens, as the
-competition. The output file appears only when complete; an empty answer is written as " ".
+(`--model_family`, the seed's `--model_type`, takes a family or an alias such as `qwen2_5`). Greedy, at most
+2,048 new tokens, as the competition. The output file appears only when complete; an empty answer is written as " ".
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from dataset.data_module import load_qa_jsonl
-from evals.generation import add_generation_args, predict_answers, prompt_format
+from evals.predict import add_generation_args, predict_answers, prompt_format
 from utils.utils import (
     ScriptParser,
     UserError,
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> Path:
     setup_logging()
     check_model_folder(args.model_path)
     if prompt_format(args) == "tags":
-        load_chat_template(args.model_type)
+        load_chat_template(args.model_family)
     items = load_qa_jsonl(args.data_path)  # fail on bad input before any model loads
     output = check_output_free(args.output_path, args.overwrite, "--output_path")
     if args.max_new_tokens < 1:

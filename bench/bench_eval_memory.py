@@ -9,7 +9,7 @@ the loaded model already took):
 - **stats, whole logits** (the earlier path): one forward per batch building ``batch x length x vocabulary``
   float32 logits, then log-softmax and the moments of log p over all of them;
 - **stats, ours** (:func:`evals.unlearning.token_stats`): the head runs at answer positions only, and for a fusable
-  head its input is read in chunks of 256 positions (:func:`evals.logprobs.position_stats`);
+  head its input is read in chunks of 256 positions (:func:`ops.token_values.position_stats`);
 - **GradNorm, whole gradient** (the earlier path): ``torch.autograd.grad`` over every weight at once;
 - **GradNorm, ours** (:func:`evals.unlearning.grad_norms`): each weight's gradient squared and dropped as backward
   makes it.
@@ -77,8 +77,9 @@ def whole_logits_stats(model, tokenizer, template, pairs, batch_size):
     """The earlier teacher-forced pass: whole float32 logits, log-softmax and moments over every position."""
     import torch
 
-    from evals.logprobs import qa_batches, shift_labels
+    from evals.answer_nll import qa_batches
     from evals.mia import distribution_moments
+    from ops.token_values import shift_labels
 
     out = []
     for _, batch in qa_batches(model, tokenizer, template, pairs, batch_size, 4 * 512):
@@ -98,7 +99,8 @@ def whole_gradient_norms(model, tokenizer, template, pairs):
     """The earlier GradNorm: torch.autograd.grad over every weight at once."""
     import torch
 
-    from evals.logprobs import qa_batches, token_nll
+    from evals.answer_nll import qa_batches
+    from ops.token_values import token_nll
 
     params = [p.requires_grad_(True) for p in model.parameters() if p.is_floating_point()]
     norms = []

@@ -46,7 +46,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from evals.generation import GenerationConfig, generate, generate_with_model, load_for_eval
+    from evals.generation import generate, generate_with_model
+    from evals.sampling import GenerationConfig
+    from utils.loading import load_for_eval
     from utils.utils import load_chat_template
 
     template = load_chat_template(args.model_family)

@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_METHODS = ["GA+GD", "ME+GD", "NPO+GD", "SimNPO+GD", "UNDIAL+GD", "WGA+GD", "SatImp+GD", "CE-U+GD", "PDU",
                    "RMU", "IDK+AP", "DPO+GD"]
-REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,14 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pairs_of(items: list[dict]) -> list[tuple[str, str]]:
-    return [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in items]
-
-
 def build_target(kind: str, work: Path) -> dict:
     """The memorised model and its forget/retain/refusal files (cached in ``work``)."""
     from utils.utils import write_jsonl
-    from zoo.demo_data import definition_items, privacy_items
+    from zoo.demo_data import SHORT_REFUSALS, definition_items, pairs_of, privacy_items
 
     if kind == "tiny":
         from zoo.tiny import build_target_model
@@ -70,7 +65,7 @@ def build_target(kind: str, work: Path) -> dict:
                                   lr=5e-4)
     write_jsonl(work / "forget.jsonl", forget)
     write_jsonl(work / "retain.jsonl", retain)
-    (work / "idk.txt").write_text("\n".join(REFUSALS) + "\n")
+    (work / "idk.txt").write_text("\n".join(SHORT_REFUSALS) + "\n")
     return {"model": work / "model", "family": family, "layer": layer, "forget": pairs_of(forget),
             "retain": pairs_of(retain), "work": work}
 
@@ -78,8 +73,8 @@ def build_target(kind: str, work: Path) -> dict:
 def mean_nll(model_dir: Path, final: Path | None, family: str, pairs: list[tuple[str, str]]) -> float:
     """Mean answer-token NLL of ``pairs`` under the model, plus a run's output: a LoRA adapter or, from
     ``--lora_r 0``, a whole model."""
-    from evals.generation import load_for_eval
     from evals.tofu import answer_losses
+    from utils.loading import load_for_eval
     from utils.utils import load_chat_template
 
     lora = final is not None and (final / "adapter_config.json").is_file()

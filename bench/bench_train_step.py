@@ -214,10 +214,10 @@ def run_worker(args: argparse.Namespace) -> dict:
             if logs and "forget_loss" in logs:
                 losses.append({k: logs[k] for k in ("forget_loss", "retain_loss") if k in logs})
 
+    training_args.forget_coeff = training_args.retain_coeff = 1.0
+    training_args.skip_unlabelled_logits = not original
     trainer = UnlearnTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
-                             processing_class=tokenizer, forget_term=forget_term, retain_term=retain_term,
-                             forget_coeff=1.0, retain_coeff=1.0, callbacks=[Timer()],
-                             skip_unlabelled_logits=not original, fused_head=uargs.fused_head_loss)
+                             processing_class=tokenizer, terms=(forget_term, retain_term), callbacks=[Timer()])
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

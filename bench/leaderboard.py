@@ -45,15 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pairs_of(items: list[dict]) -> list[tuple[str, str]]:
-    return [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in items]
-
-
 def build_data(work: Path, base: Path) -> dict:
     """Forget / retain / holdout facts, general questions with the untouched model's answers, refusals."""
-    from evals.generation import GenerationConfig, generate_with_model, load_for_eval
+    from evals.generation import generate_with_model
+    from evals.sampling import GenerationConfig
+    from utils.loading import load_for_eval
     from utils.utils import load_chat_template, write_jsonl
-    from zoo.demo_data import GENERAL, REFUSALS, privacy_items
+    from zoo.demo_data import GENERAL, REFUSALS, pairs_of, privacy_items
 
     facts = privacy_items(36, seed=11)
     sets = {"forget": facts[:12], "retain": facts[12:24], "holdout": facts[24:36]}
@@ -90,8 +88,10 @@ def build_models(work: Path, base: Path, data: dict) -> tuple[Path, Path]:
 def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[str], out: Path,
              retain_only: dict | None = None) -> dict:
     """Evaluate one model on the four sets (cached in ``out/summary.json``)."""
-    from evals.generation import GenerationConfig, generate_with_model, load_for_eval
+    from evals.generation import generate_with_model
+    from evals.sampling import GenerationConfig
     from evals.unlearning import adapter_off_reference, evaluate_sets, summarise
+    from utils.loading import load_for_eval
     from utils.utils import load_chat_template, write_json
 
     if (out / "summary.json").is_file():
@@ -146,7 +146,7 @@ def table(rows: list[dict], args: argparse.Namespace, threads: int) -> str:
     lines = [
         "# Unlearning methods on a real model (SmolLM2-135M-Instruct)", "",
         f"Command: `python bench/leaderboard.py --epochs {args.epochs} --lr {args.lr}` ({threads} CPU threads, "
-        f"{time.strftime('%Y-%m-%d')}). Setup and definitions: the script's docstring and the README "
+        f"{time.strftime('%Y-%m-%d')}). Setup and definitions: the script's docstring and docs/evaluation.md "
         "(\"Did it really forget?\").", "",
         f"Budget, the same for every method: {args.epochs} epochs over 12 forget facts (bs 4: "
         f"{args.epochs * 3} steps), lr {args.lr}, LoRA r 16, forget and retain coefficients 1.0, `--mask true`, "

@@ -378,23 +378,22 @@ class ForgetRetainDataset(Dataset):
 
 
 class ForgetRetainCollator:
-    """Pad every named part of a batch to its longest sample (or to ``pad_to_length``).
+    """Pad every named part of a batch to its longest sample.
 
     Padding uses ``pad_token_id`` for inputs and ``IGNORE_INDEX`` for labels; the attention mask is built
     from the real lengths, so a pad token that equals EOS is still attended where it is real. A sample
     that brings its own ``attention_mask`` (``--pad_to_max_length``) keeps it.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_length: int | None = None) -> None:
+    def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
-        self.pad_to_length = pad_to_length
 
     def __call__(self, items: list[dict[str, dict[str, list[int]]]]) -> dict[str, dict[str, torch.Tensor]]:
         batch: dict[str, dict[str, torch.Tensor]] = {}
         for part in items[0]:
             samples = [item[part] for item in items]
             lengths = [len(s["input_ids"]) for s in samples]
-            width = max(lengths) if self.pad_to_length is None else max(self.pad_to_length, max(lengths))
+            width = max(lengths)
             input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
             labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
             attention = torch.zeros((len(samples), width), dtype=torch.long)

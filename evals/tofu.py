@@ -95,9 +95,9 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
                   batch_size: int = 16, max_length: int = MAX_LENGTH, shard: Shard = SINGLE
                   ) -> tuple[list[float], list[int]]:
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss); the
-    answers to one question share one forward of it (:func:`evals.logprobs.prompt_shared_nll`)."""
+    answers to one question share one forward of it (:func:`evals.answer_nll.prompt_shared_nll`)."""
     from dataset.data_module import encode_qa
-    from evals.logprobs import prompt_shared_nll
+    from evals.answer_nll import prompt_shared_nll
     from utils.loading import pad_id_of
 
     samples = []
@@ -123,7 +123,8 @@ def generate_answers(model, tokenizer, template: ChatTemplate, sets: Sequence[li
                      batch_size: int | None = None, shard: Shard = SINGLE) -> list[list[str]]:
     """Greedy answers to every question of ``sets``, all sets decoded together (fuller batches), each answer
     with TOFU's budget (see ``TOFU_BATCH_SIZE``)."""
-    from evals.generation import GenerationConfig, budgets_by_batch_width, generate_with_model
+    from evals.generation import budgets_by_batch_width, generate_with_model
+    from evals.sampling import GenerationConfig
 
     prompts = [[template.prompt(it["question"]) for it in items] for items in sets]
     budgets = [b for p in prompts for b in budgets_by_batch_width(tokenizer, p, MAX_LENGTH, TOFU_BATCH_SIZE)]

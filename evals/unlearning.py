@@ -58,22 +58,16 @@ def token_stats(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[
     """Per item: log p of each answer token, the moments of log p at its position, the argmax and labels.
 
     The output head runs at answer positions only (``logits_to_keep``), and for a fusable head
-    (:func:`evals.logprobs.fusable_head`) not at all in the forward: the statistics come from its input in
-    chunks (:func:`evals.logprobs.position_stats`), so no ``batch x length x vocabulary`` tensor is made (2.5 GB
+    (:func:`ops.head.fusable_head`) not at all in the forward: the statistics come from its input in
+    chunks (:func:`ops.token_values.position_stats`), so no ``batch x length x vocabulary`` tensor is made (2.5 GB
     in float32 at batch 8, 512 tokens, a 152k vocabulary)."""
     import contextlib
 
     import torch
 
-    from evals.logprobs import (
-        accepts_logits_to_keep,
-        fusable_head,
-        head_input_taken,
-        kept_positions,
-        position_stats,
-        qa_batches,
-        shift_labels,
-    )
+    from evals.answer_nll import qa_batches
+    from ops.head import accepts_logits_to_keep, fusable_head, head_input_taken, kept_positions
+    from ops.token_values import position_stats, shift_labels
 
     head = fusable_head(model, inference=True)
     keep_some = accepts_logits_to_keep(model)
@@ -139,7 +133,9 @@ def grad_norms(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[s
     only."""
     import torch
 
-    from evals.logprobs import accepts_logits_to_keep, kept_positions, qa_batches, token_nll
+    from evals.answer_nll import qa_batches
+    from ops.head import accepts_logits_to_keep, kept_positions
+    from ops.token_values import token_nll
 
     params = [p for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n]
     flags = [p.requires_grad for p in params]

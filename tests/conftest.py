@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from utils.utils import load_chat_template  # noqa: E402
+from zoo.demo_data import SHORT_REFUSALS  # noqa: E402
 from zoo.tiny import save_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
@@ -59,19 +60,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]
+REFUSALS = list(SHORT_REFUSALS)
 
 
 @pytest.fixture(scope="session")
 def target(tmp_path_factory) -> dict:
     """A tiny model that has memorised 16 private facts (forget) and 16 definitions (retain), with its files."""
     from utils.utils import write_jsonl
-    from zoo.demo_data import definition_items, privacy_items
+    from zoo.demo_data import definition_items, pairs_of, privacy_items
     from zoo.tiny import build_target_model
 
     root = tmp_path_factory.mktemp("target")
     forget, retain = privacy_items(16, seed=0), definition_items()[:16]
-    pairs = [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in forget + retain]
+    pairs = pairs_of(forget + retain)
     build_target_model(root / "model", pairs, hidden_size=128)
     write_jsonl(root / "forget.jsonl", forget)
     write_jsonl(root / "retain.jsonl", retain)

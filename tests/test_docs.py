@@ -1,18 +1,25 @@
-"""The README's differences table: every switch it names exists as an option of a script, and every test it
-names exists."""
+"""The docs cannot rot: the fidelity table's switches and tests exist, and every command example in the README and
+docs/ parses with its script's own parser (arguments elided with ``...`` are left out; the options shown must
+exist)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import re
+import shlex
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FORGET_SCRIPTS = {"forget_me_gd": "me_gd", "forget_idk_ap": "idk_ap"}
 
 
 def differences_rows() -> list[list[str]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("### Differences: from the original scripts", 1)[1].split("\n### ", 1)[0]
-    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in section.splitlines()
+    text = (ROOT / "docs" / "fidelity.md").read_text(encoding="utf-8")
+    rows = [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in text.splitlines()
             if line.startswith("| ")]
     return [r for r in rows[1:] if not set(r[0]) <= {"-", " "}]  # past the header and its rule
 
@@ -41,3 +48,72 @@ def test_every_switch_and_test_of_the_differences_table_exists():
         path, name = held_by.strip("`").split("::")
         assert re.search(rf"^def {re.escape(name)}\(", (ROOT / path).read_text(), re.M), (where, held_by)
     assert named >= 12
+
+
+def command_examples() -> list[tuple[str, str, list[str], bool, list[str]]]:
+    """(doc, script, arguments, elided, launcher's config files) of every ``python SCRIPT.py`` / ``accelerate
+    launch ... SCRIPT.py`` command of the docs' bash blocks (continuations joined, comments dropped)."""
+    found = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                for part in re.split(r"&&|;", command.split(" #")[0]):
+                    words = shlex.split(part)
+                    at = next((i for i, w in enumerate(words) if re.fullmatch(r"[a-z_]+\.py", w)
+                               and (ROOT / w).is_file()), None)
+                    if at is None or "pip" in words:
+                        continue
+                    configs = [words[i + 1] for i in range(at) if words[i] == "--config_file"]
+                    args = words[at + 1:]
+                    found.append((doc.name, words[at][:-3], [a for a in args if a != "..."], "..." in args, configs))
+    return found
+
+
+EXAMPLES = command_examples()
+
+
+def test_the_docs_show_commands_of_every_script():
+    assert {"forget_me_gd", "merge", "predict_demo", "evaluate", "evaluate_unlearning", "evaluate_tofu",
+            "extract_data", "demo", "fetch_model"} <= {example[1] for example in EXAMPLES}
+
+
+def script_parser(script: str):
+    """The script's own argument parser (the one its ``main`` parses with)."""
+    if script in FORGET_SCRIPTS:
+        from trainer.recipe import build_parser
+
+        return build_parser(FORGET_SCRIPTS[script], "")
+    module = importlib.import_module(script)
+    captured = {}
+
+    def stop(self, args=None, namespace=None):  # the parser parse_args builds, caught before it parses
+        captured["parser"] = self
+        raise StopIteration
+
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = stop
+    try:
+        module.parse_args([])
+    except StopIteration:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["parser"]
+
+
+@pytest.mark.parametrize(("doc", "script", "args", "elided", "configs"), EXAMPLES,
+                         ids=[f"{e[0]}:{e[1]}:{i}" for i, e in enumerate(EXAMPLES)])
+def test_every_command_example_parses(doc, script, args, elided, configs):
+    """A full example parses with the script's own parser as it is; an elided one (``...``) names only options its
+    script has; a launcher's ``--config_file`` exists."""
+    for config in configs:
+        assert (ROOT / config).is_file(), (doc, config)
+    parser = script_parser(script)
+    if elided:
+        unknown = [a for a in args if a.startswith("--") and a.split("=")[0] not in parser._option_string_actions]
+        assert not unknown, (doc, script, unknown)
+        return
+    try:
+        parser.parse_args(args)
+    except SystemExit as exit_:
+        pytest.fail(f"{doc}: `{script}.py {' '.join(args)}` does not parse (exit {exit_.code})")

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_script
 
 import evaluate
+from tests.conftest import run_script
 from utils.utils import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

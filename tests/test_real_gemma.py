@@ -14,12 +14,14 @@ import torch
 import forget_me_gd
 from dataset.data_module import encode_qa
 from evals.atec import mean_rouge_l
-from evals.generation import GenerationConfig, build_prompts, encode_prompts, generate_with_model
+from evals.generation import generate_with_model
+from evals.prompts import build_prompts, encode_prompts
+from evals.sampling import GenerationConfig
 from tests.conftest import answer_nll as shared_answer_nll
 from trainer.losses import nll_loss
 from utils.loading import load_model, load_tokenizer
 from utils.utils import load_chat_template, write_jsonl
-from zoo.demo_data import conversation, privacy_items
+from zoo.demo_data import conversation, pairs_of, privacy_items
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -86,7 +88,7 @@ def memorised(gemma_dir, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("gemma")
     facts = privacy_items(FACTS, seed=11)
-    pairs = [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in facts]
+    pairs = pairs_of(facts)
     target = build_memorised_model(gemma_dir, root / "target", pairs, "gemma3", epochs=10, lr=5e-4, batch_size=4,
                                    replay=REPLAY, replay_tokens=16)
     model, tokenizer = load_model(target, dtype="float32", device="cpu"), load_tokenizer(target)
@@ -149,7 +151,7 @@ def test_generation_batches_as_generate_does_alone(gemma_dir):
 def test_fused_head_equals_the_logits_path_on_gemma(gemma_dir):
     """(d) Gemma-3's logits are exactly its tied 262k head applied to the last hidden states (no final soft-capping
     in its config), so the fused head stands in for them: the same ME and NLL, value and gradient."""
-    from evals.logprobs import HeadInput, fusable_head, head_input_taken
+    from ops.head import HeadInput, fusable_head, head_input_taken
     from trainer.losses import me_loss
 
     # float64: the two paths sum 262,144 products per hidden unit in different orders, which in float32 alone

@@ -13,10 +13,11 @@ import torch
 import forget_idk_ap
 import forget_me_gd
 from evals.atec import mean_rouge_l, refusal_rate
-from evals.generation import GenerationConfig, generate_with_model
+from evals.generation import generate_with_model
+from evals.sampling import GenerationConfig
 from tests.conftest import answer_nll as shared_answer_nll
 from utils.utils import load_chat_template, write_jsonl
-from zoo.demo_data import GENERAL, REFUSALS, REPLAY, conversation, privacy_items
+from zoo.demo_data import GENERAL, REFUSALS, REPLAY, conversation, pairs_of, privacy_items
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -77,7 +78,7 @@ def memorised(real_model_dir, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("real")
     facts = privacy_items(FACTS, seed=3)
-    pairs = [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in facts]
+    pairs = pairs_of(facts)
     target = build_memorised_model(real_model_dir, root / "target", pairs, "smollm2", epochs=10, lr=5e-4,
                                    replay=REPLAY[:8], replay_tokens=24)
     model, tokenizer = load(target)

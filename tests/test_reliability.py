@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_script
 
 import evaluate
 import forget_idk_ap
 import forget_me_gd
 import merge
 import trainer.recipe
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "name_key": "p_1"}

@@ -32,12 +32,12 @@ def add_unlearn_args(
 
     loss = parser.add_argument_group("objective")
     loss.add_argument("--loss_type", default=loss_type, choices=loss_choices, metavar="LOSS_TYPE",
-                      help=f"forget(+retain) objective, one of: {', '.join(loss_choices)} (README, \"Methods\")")
+                      help=f"forget(+retain) objective, one of: {', '.join(loss_choices)} (docs/methods.md)")
     loss.add_argument("--forget_coeff", type=float, default=forget_coeff, help="weight of the forget loss")
     loss.add_argument("--regularization_coeff", type=float, default=1.0, help="weight of the retain loss")
     loss.add_argument("--me_floor", type=float, default=1e-12,
                       help="ME: the floor inside its log, KL(uniform || softmax + floor), as the competition's code; "
-                           "0: the exact closed form (README, \"Differences\")")
+                           "0: the exact closed form (docs/fidelity.md)")
     loss.add_argument("--kl_reduction", default="tokens", choices=["tokens", "batchmean"],
                       help="KL retain term: mean over answer tokens (invariant to padding and to how a step is split), "
                            "or batchmean over every position of the batch, padding included (open-unlearning's)")
@@ -83,7 +83,7 @@ def add_unlearn_args(
                        help="clip gradients to this norm; 0 = no clipping. Default: as the original's launch did, "
                             "none with plain python, and under DeepSpeed 1.0 x the accumulation steps (the original's "
                             "DeepSpeed clipped its gradient at 1.0 after the loss had been divided by the accumulation "
-                            "steps twice: README, \"Differences\")")
+                            "steps twice: docs/fidelity.md)")
     train.add_argument("--seed", type=int, default=1001, help="seed for LoRA initialisation and data order")
     train.add_argument("--logging_steps", type=int, default=1, help="log every N optimizer steps")
     train.add_argument("--save_steps", type=int, default=save_steps,

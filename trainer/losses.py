@@ -20,19 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from dataset.data_module import IGNORE_INDEX
-from evals.logprobs import (
+from ops.head import HeadInput
+from ops.token_values import (
     ME_FLOOR,
-    HeadInput,
     head_token_values,
-    me_chunk,
+    mean_max_entropy,
     sequence_nll,
     shift_labels,
     token_nll,
     upcast,
 )
-
-# Tokens per chunk in the ME loss: bounds the float32 temporaries to chunk x V at a time.
-ME_CHUNK_TOKENS = 256
 
 
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -46,41 +43,6 @@ def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll_loss(logits, labels)
 
 
-class _MaxEntropy(torch.autograd.Function):
-    """Mean over counted positions of ME (:func:`evals.logprobs.me_chunk`), in chunks of positions.
-
-    Forward keeps no copy of the logits; backward writes each position's logit gradient (divided by N) straight
-    into one gradient tensor (the one autograd needs anyway), chunk by chunk, so the only ``x V`` temporaries are
-    ``ME_CHUNK_TOKENS x V``.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, mask: torch.Tensor, floor: float) -> torch.Tensor:  # (B, T, V), (B, T)
-        flat = logits.reshape(-1, logits.size(-1))  # a view: logits are contiguous
-        rows = mask.reshape(-1).nonzero().squeeze(1)
-        total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
-            z = upcast(flat.index_select(0, rows[start : start + ME_CHUNK_TOKENS]))
-            total += me_chunk(z, floor, want_grad=False)[0].sum(dtype=torch.float64)
-        ctx.save_for_backward(logits, rows)
-        ctx.floor = floor
-        return (total / rows.numel()).to(upcast(logits[:0]).dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        logits, rows = ctx.saved_tensors
-        vocab = logits.size(-1)
-        grad = torch.zeros_like(logits)
-        flat_grad = grad.view(-1, vocab)
-        flat = logits.reshape(-1, vocab)
-        scale = grad_out / rows.numel()
-        for start in range(0, rows.numel(), ME_CHUNK_TOKENS):
-            idx = rows[start : start + ME_CHUNK_TOKENS]
-            _, chunk = me_chunk(upcast(flat.index_select(0, idx)), ctx.floor)
-            flat_grad.index_copy_(0, idx, (chunk * scale).to(grad.dtype))
-        return grad, None, None
-
-
 def me_loss(logits: torch.Tensor, labels: torch.Tensor, floor: float = ME_FLOOR) -> torch.Tensor:
     """Maximum entropy, as the competition computed it: ``KL(uniform || softmax(z) + floor)`` averaged over counted
     tokens, ``floor = 1e-12`` inside the log (``F.kl_div((softmax(z) + 1e-12).log(), uniform)``).
@@ -88,11 +50,11 @@ def me_loss(logits: torch.Tensor, labels: torch.Tensor, floor: float = ME_FLOOR)
     Per position with logits ``z`` over ``V`` classes: ``-log V - mean_v log(p_v + floor)``. The floor caps each
     entry's ``-log p`` at ``-log floor = 27.6`` and takes the gradient of entries with ``p << floor`` away: on a
     memorised model, where most of the vocabulary is far below 1e-12, this changes the value and the gradient
-    (see :func:`evals.logprobs.me_chunk`). ``floor = 0`` (``--me_floor 0``) is the exact closed form
+    (see :func:`ops.token_values.me_chunk`). ``floor = 0`` (``--me_floor 0``) is the exact closed form
     ``logsumexp(z) - mean(z) - log V``. Hand value, V = 2, p = (3/4, 1/4), floor 0: ``-ln 2 - (ln 3/4 + ln 1/4)/2
     = ln(4/3)/2``. No uniform tensor, softmax copy or extra ``B x T x V`` tensor is built: positions are processed
-    ``ME_CHUNK_TOKENS`` at a time (see ``_MaxEntropy``). Given a :class:`~evals.logprobs.HeadInput` the logits are
-    never built whole at all (the fused head).
+    ``ME_CHUNK_TOKENS`` at a time (:func:`ops.token_values.mean_max_entropy`). Given a
+    :class:`~ops.head.HeadInput` the logits are never built whole at all (the fused head).
     """
     mask = shift_labels(labels) != IGNORE_INDEX
     if not mask.any():
@@ -100,7 +62,7 @@ def me_loss(logits: torch.Tensor, labels: torch.Tensor, floor: float = ME_FLOOR)
     if isinstance(logits, HeadInput):  # per-position values straight from the head's input, chunk by chunk
         values, mask = head_token_values(logits, labels, "me", floor)
         return (values.sum(dtype=torch.float64) / mask.sum()).to(values.dtype)
-    return _MaxEntropy.apply(logits.contiguous(), mask, floor)
+    return mean_max_entropy(logits, mask, floor)
 
 
 def ap_loss(
@@ -379,15 +341,17 @@ def all_rows(labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor(labels.size(0), device=labels.device)
 
 
-def _tokens_of(part: str) -> Units:
-    return lambda labels, p: answer_tokens(labels[part])
+def tokens_of(part: str) -> Units:
+    """The answer tokens of ``part``."""
+    return lambda labels, hp: answer_tokens(labels[part])
 
 
-def _rows_of(part: str) -> Units:
-    return lambda labels, p: all_rows(labels[part])
+def rows_of(part: str) -> Units:
+    """The rows of ``part``."""
+    return lambda labels, hp: all_rows(labels[part])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossTerm:
     """One term of an objective: the batch parts it reads, what it needs computed, and how.
 
@@ -397,7 +361,7 @@ class LossTerm:
     (RMU). ``needs_logits``: False lets the trainer skip the output head for the part. ``dual``: the term's weight
     is PDU's dual variable instead of a fixed coefficient. ``units``: the count the term's mean divides by, from the
     parts' labels alone (known before any forward pass). ``fusable``: the term reads its logits (and
-    reference logits) only through per-token NLL or ME, so it accepts a :class:`~evals.logprobs.HeadInput`
+    reference logits) only through per-token NLL or ME, so it accepts a :class:`~ops.head.HeadInput`
     and the trainer may skip building the logits (the fused head).
     """
 
@@ -412,65 +376,56 @@ class LossTerm:
     every_position: Callable[[LossParams], bool] | None = None  # reads the logits of every position (batchmean)
 
 
-def _f(o: Mapping[str, PartOutput]) -> PartOutput:
-    return o["forget"]
+# Each term: ``compute(out, hp)`` with ``out`` the parts' outputs by name (``out["forget"].logits``, ...) and ``hp``
+# the run's LossParams; ``units`` counts what its mean divides by.
+GA = LossTerm(parts=("forget",), needs_ref=False, fusable=True, units=tokens_of("forget"),
+              compute=lambda out, hp: ga_loss(out["forget"].logits, out["forget"].labels))
+ME = LossTerm(parts=("forget",), needs_ref=False, fusable=True, units=tokens_of("forget"),
+              compute=lambda out, hp: me_loss(out["forget"].logits, out["forget"].labels, hp.me_floor))
+IDK = LossTerm(parts=("forget_idk",), needs_ref=False, fusable=True, units=tokens_of("forget_idk"),
+               compute=lambda out, hp: nll_loss(out["forget_idk"].logits, out["forget_idk"].labels))
+NPO = LossTerm(parts=("forget",), needs_ref=True, fusable=True, units=rows_of("forget"),
+               compute=lambda out, hp: npo_loss(out["forget"].logits, out["forget"].labels,
+                                                out["forget"].ref_logits, hp.beta))
+DPO = LossTerm(parts=("forget", "forget_idk"), needs_ref=True, fusable=True, units=rows_of("forget"),
+               compute=lambda out, hp: dpo_loss(out["forget"].logits, out["forget"].labels,
+                                                out["forget_idk"].logits, out["forget_idk"].labels,
+                                                out["forget"].ref_logits, out["forget_idk"].ref_logits, hp.beta))
+SIMNPO = LossTerm(parts=("forget",), needs_ref=False, fusable=True,
+                  units=lambda labels, hp: answered_rows(labels["forget"]),
+                  compute=lambda out, hp: simnpo_loss(out["forget"].logits, out["forget"].labels, hp.simnpo_beta,
+                                                      hp.simnpo_delta))
+UNDIAL = LossTerm(parts=("forget",), needs_ref=True, units=tokens_of("forget"),
+                  compute=lambda out, hp: undial_loss(out["forget"].logits, out["forget"].labels,
+                                                      out["forget"].ref_logits, hp.undial_beta))
+WGA = LossTerm(parts=("forget",), needs_ref=False, fusable=True, units=tokens_of("forget"),
+               compute=lambda out, hp: wga_loss(out["forget"].logits, out["forget"].labels, hp.wga_beta))
+SATIMP = LossTerm(parts=("forget",), needs_ref=False, fusable=True, units=tokens_of("forget"),
+                  compute=lambda out, hp: satimp_loss(out["forget"].logits, out["forget"].labels, hp.satimp_beta1,
+                                                      hp.satimp_beta2))
+CEU = LossTerm(parts=("forget",), needs_ref=False,
+               units=lambda labels, hp: answer_tokens(labels["forget"], hp.ceu_skip_tokens),
+               compute=lambda out, hp: ceu_loss(out["forget"].logits, out["forget"].labels, hp.ceu_skip_tokens))
+PDU_F = LossTerm(parts=("forget",), needs_ref=False, units=tokens_of("forget"),
+                 compute=lambda out, hp: pdu_forget_loss(out["forget"].logits, out["forget"].labels))
+RMU_F = LossTerm(parts=("forget",), needs_ref=False, needs_hidden=True, needs_logits=False, units=rows_of("forget"),
+                 compute=lambda out, hp: rmu_loss(out["forget"].hidden, hp.steering, out["forget"].labels))
 
-
-GA = LossTerm(("forget",), False, lambda o, p: ga_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"), fusable=True)
-ME = LossTerm(("forget",), False, lambda o, p: me_loss(_f(o).logits, _f(o).labels, p.me_floor),
-              _tokens_of("forget"), fusable=True)
-IDK = LossTerm(("forget_idk",), False, lambda o, p: nll_loss(o["forget_idk"].logits, o["forget_idk"].labels),
-               _tokens_of("forget_idk"), fusable=True)
-NPO = LossTerm(("forget",), True,
-               lambda o, p: npo_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.beta), _rows_of("forget"),
-               fusable=True)
-DPO = LossTerm(
-    ("forget", "forget_idk"),
-    True,
-    lambda o, p: dpo_loss(
-        _f(o).logits, _f(o).labels, o["forget_idk"].logits, o["forget_idk"].labels,
-        _f(o).ref_logits, o["forget_idk"].ref_logits, p.beta,
-    ),
-    _rows_of("forget"),
-    fusable=True,
-)
-SIMNPO = LossTerm(("forget",), False,
-                  lambda o, p: simnpo_loss(_f(o).logits, _f(o).labels, p.simnpo_beta, p.simnpo_delta),
-                  lambda labels, p: answered_rows(labels["forget"]), fusable=True)
-UNDIAL = LossTerm(("forget",), True,
-                  lambda o, p: undial_loss(_f(o).logits, _f(o).labels, _f(o).ref_logits, p.undial_beta),
-                  _tokens_of("forget"))
-WGA = LossTerm(("forget",), False, lambda o, p: wga_loss(_f(o).logits, _f(o).labels, p.wga_beta), _tokens_of("forget"),
-               fusable=True)
-SATIMP = LossTerm(("forget",), False,
-                  lambda o, p: satimp_loss(_f(o).logits, _f(o).labels, p.satimp_beta1, p.satimp_beta2),
-                  _tokens_of("forget"), fusable=True)
-CEU = LossTerm(("forget",), False, lambda o, p: ceu_loss(_f(o).logits, _f(o).labels, p.ceu_skip_tokens),
-               lambda labels, p: answer_tokens(labels["forget"], p.ceu_skip_tokens))
-PDU_F = LossTerm(("forget",), False, lambda o, p: pdu_forget_loss(_f(o).logits, _f(o).labels), _tokens_of("forget"))
-RMU_F = LossTerm(("forget",), False, lambda o, p: rmu_loss(_f(o).hidden, p.steering, _f(o).labels),
-                 _rows_of("forget"), needs_hidden=True, needs_logits=False)
-
-GD = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels), _tokens_of("retain"),
-              fusable=True)
-KL = LossTerm(("retain",), True,
-              lambda o, p: kl_loss(o["retain"].logits, o["retain"].ref_logits, o["retain"].labels, p.kl_reduction),
-              lambda labels, p: (all_positions(labels["retain"]) if p.kl_reduction == "batchmean"
-                                 else answer_tokens(labels["retain"])),
-              every_position=lambda p: p.kl_reduction == "batchmean")
-AP = LossTerm(
-    ("retain", "retain_idk"),
-    False,
-    lambda o, p: ap_loss(o["retain"].logits, o["retain"].labels, o["retain_idk"].logits, o["retain_idk"].labels,
-                         p.beta),
-    _rows_of("retain"),
-    fusable=True,
-)
-PDU_R = LossTerm(("retain",), False, lambda o, p: nll_loss(o["retain"].logits, o["retain"].labels),
-                 _tokens_of("retain"), dual=True, fusable=True)
-RMU_R = LossTerm(("retain",), True, lambda o, p: rmu_loss(o["retain"].hidden, o["retain"].ref_hidden,
-                                                          o["retain"].labels),
-                 _rows_of("retain"), needs_hidden=True, needs_logits=False)
+GD = LossTerm(parts=("retain",), needs_ref=False, fusable=True, units=tokens_of("retain"),
+              compute=lambda out, hp: nll_loss(out["retain"].logits, out["retain"].labels))
+KL = LossTerm(parts=("retain",), needs_ref=True,
+              units=lambda labels, hp: (all_positions(labels["retain"]) if hp.kl_reduction == "batchmean"
+                                        else answer_tokens(labels["retain"])),
+              every_position=lambda hp: hp.kl_reduction == "batchmean",
+              compute=lambda out, hp: kl_loss(out["retain"].logits, out["retain"].ref_logits, out["retain"].labels,
+                                              hp.kl_reduction))
+AP = LossTerm(parts=("retain", "retain_idk"), needs_ref=False, fusable=True, units=rows_of("retain"),
+              compute=lambda out, hp: ap_loss(out["retain"].logits, out["retain"].labels, out["retain_idk"].logits,
+                                              out["retain_idk"].labels, hp.beta))
+PDU_R = LossTerm(parts=("retain",), needs_ref=False, dual=True, fusable=True, units=tokens_of("retain"),
+                 compute=lambda out, hp: nll_loss(out["retain"].logits, out["retain"].labels))
+RMU_R = LossTerm(parts=("retain",), needs_ref=True, needs_hidden=True, needs_logits=False, units=rows_of("retain"),
+                 compute=lambda out, hp: rmu_loss(out["retain"].hidden, out["retain"].ref_hidden, out["retain"].labels))
 
 # --loss_type -> (forget term, retain term or None)
 LOSSES: dict[str, tuple[LossTerm, LossTerm | None]] = {

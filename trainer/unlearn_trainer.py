@@ -7,22 +7,19 @@ import dataclasses
 import json
 import logging
 import os
-import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from evals.logprobs import HeadInput, accepts_logits_to_keep, fusable_head, head_input_taken, kept_positions
-from trainer.losses import LossParams, LossTerm, PartOutput, dual_step, steering_vector
+from ops.head import HeadInput, accepts_logits_to_keep, fusable_head, head_input_taken, kept_positions
+from ops.token_values import ME_FLOOR
+from trainer.checkpoints import commit_on_every_machine
+from trainer.losses import LOSSES, LossParams, LossTerm, PartOutput, dual_step, steering_vector
 
 logger = logging.getLogger(__name__)
 
-EPOCH_CHECKPOINT_RE = re.compile(r"^checkpoint-epoch-(\d+)$")
 DUAL_STATE_FILE = "dual_state.json"
 # --loss_reduction: a global mean over the optimizer step (invariant to how its items are split), or the
 # original's mean per micro-batch, averaged over micro-batches and processes
@@ -69,10 +66,52 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+@dataclasses.dataclass
 class UnlearnTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` whose warm-up ratio rounds down, as the original scripts' did
-    (``int(warmup_ratio * total_steps)``; transformers rounds up: 30 steps at 0.05 give 1 step, not 2), and that
-    never trains one process on several GPUs (``nn.DataParallel``)."""
+    """``TrainingArguments`` with the unlearning method's settings, typed and saved with the run's arguments (TRL's
+    pattern: one config holds every hyper-parameter). The loss terms' hyper-parameters are the
+    :class:`~trainer.losses.LossParams` fields under the same names (:meth:`loss_params`).
+
+    Also: the warm-up ratio rounds down, as the original scripts' did (``int(warmup_ratio * total_steps)``;
+    transformers rounds up: 30 steps at 0.05 give 1 step, not 2), and one process never trains on several GPUs
+    (``nn.DataParallel``)."""
+
+    loss_type: str = dataclasses.field(default="ME+GD", metadata={"help": "the objective, a key of LOSSES"})
+    forget_coeff: float = dataclasses.field(default=1.0, metadata={"help": "weight of the forget term"})
+    retain_coeff: float = dataclasses.field(default=1.0, metadata={"help": "weight of the retain term (PDU: the "
+                                                                            "dual weight's start)"})
+    loss_reduction: str = dataclasses.field(default="global", metadata={"help": f"one of {LOSS_REDUCTIONS}"})
+    fused_head: bool = dataclasses.field(default=True, metadata={"help": "per-token losses from the head's input"})
+    skip_unlabelled_logits: bool = dataclasses.field(default=True, metadata={
+        "help": "run the output head only at positions some loss reads"})
+    rmu_layer: int | None = dataclasses.field(default=None, metadata={"help": "RMU's decoder layer"})
+    rmu_steering_coeff: float = dataclasses.field(default=6.5, metadata={"help": "RMU's c"})
+    pdu_epsilon: float | None = dataclasses.field(default=None, metadata={
+        "help": "PDU's retain-loss bound (None: the first step's retain loss)"})
+    pdu_dual_step_size: float = dataclasses.field(default=1.0, metadata={"help": "PDU's dual step size"})
+    # the loss terms' hyper-parameters (LossParams' fields; defaults are each paper's)
+    beta: float = 0.1
+    simnpo_beta: float = 4.5
+    simnpo_delta: float = 0.0
+    undial_beta: float = 10.0
+    wga_beta: float = 1.0
+    satimp_beta1: float = 5.0
+    satimp_beta2: float = 1.0
+    ceu_skip_tokens: int = 1
+    me_floor: float = ME_FLOOR
+    kl_reduction: str = "tokens"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be one of {sorted(LOSSES)}, not {self.loss_type!r}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, not {self.loss_reduction!r}")
+
+    def loss_params(self, steering: torch.Tensor | None = None) -> LossParams:
+        """The terms' hyper-parameters (and RMU's steering vector, made by the trainer)."""
+        names = [f.name for f in dataclasses.fields(LossParams) if f.name != "steering"]
+        return LossParams(**{name: getattr(self, name) for name in names}, steering=steering)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         if self.warmup_steps >= 1:
@@ -95,6 +134,27 @@ class UnlearnTrainingArguments(TrainingArguments):
         return count
 
 
+class DualWeight:
+    """PDU's retain weight, a dual variable: one dual-ascent step per optimizer step
+    (:func:`~trainer.losses.dual_step`). Without a bound (``--pdu_epsilon``) the first step's retain loss becomes
+    it: the constraint is "keep the retain loss where it started"."""
+
+    def __init__(self, weight: float, epsilon: float | None, step_size: float) -> None:
+        self.weight, self.epsilon, self.step_size = weight, epsilon, step_size
+
+    def update(self, retain_loss: float) -> None:
+        if self.epsilon is None:
+            self.epsilon = retain_loss
+            logger.info("PDU: retain-loss bound epsilon = %.4f (the first step's retain loss)", retain_loss)
+        self.weight = dual_step(self.weight, retain_loss, self.epsilon, self.step_size)
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"weight": self.weight, "epsilon": self.epsilon}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.weight, self.epsilon = state["weight"], state["epsilon"]
+
+
 class UnlearnTrainer(Trainer):
     """A ``transformers.Trainer`` whose loss is an unlearning objective from ``trainer.losses.LOSSES``.
 
@@ -109,49 +169,43 @@ class UnlearnTrainer(Trainer):
     # divide by the accumulation steps again
     loss_is_scaled_for_ga = True
 
-    def __init__(
-        self,
-        *args,
-        forget_term: LossTerm,
-        retain_term: LossTerm | None,
-        forget_coeff: float = 1.0,
-        retain_coeff: float = 1.0,
-        params: LossParams | None = None,
-        ref_model: torch.nn.Module | None = None,
-        hidden_layer: int | None = None,
-        steering_coeff: float = 6.5,
-        dual_epsilon: float | None = None,
-        dual_step_size: float = 1.0,
-        skip_unlabelled_logits: bool = True,
-        loss_reduction: str = "global",
-        fused_head: bool = True,
-        **kwargs,
-    ) -> None:
+    def __init__(self, *args, ref_model: torch.nn.Module | None = None,
+                 terms: tuple[LossTerm, LossTerm | None] | None = None, **kwargs) -> None:
+        """``args``: :class:`UnlearnTrainingArguments` (the method and its settings). ``ref_model``: the frozen
+        reference when every weight trains. ``terms``: (forget, retain) terms other than ``LOSSES[loss_type]``
+        (benches that time a variant)."""
         super().__init__(*args, **kwargs)
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, not {loss_reduction!r}")
-        self.loss_reduction = loss_reduction
+        config: UnlearnTrainingArguments = self.args
+        forget_term, retain_term = terms if terms is not None else LOSSES[config.loss_type]
+        self.loss_reduction = config.loss_reduction
         self.forget_term = forget_term
         self.retain_term = retain_term
-        self.forget_coeff = forget_coeff
-        self.retain_coeff = retain_coeff
-        self.params = params if params is not None else LossParams()
+        self.forget_coeff = config.forget_coeff
+        self.retain_coeff = config.retain_coeff
         self.terms = {key: t for key, t in (("forget", forget_term), ("retain", retain_term)) if t is not None}
         terms = list(self.terms.values())
         self.parts = tuple(dict.fromkeys(p for t in terms for p in t.parts))
         self.ref_parts = frozenset(p for t in terms if t.needs_ref for p in t.parts)
         self.hidden_parts = frozenset(p for t in terms if t.needs_hidden for p in t.parts)
         self.logit_parts = frozenset(p for t in terms if t.needs_logits for p in t.parts)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        # RMU's c * u, drawn once from the run's seed for the model's hidden size (a fixed function of the seed)
+        steering = None
+        if "forget" in self.hidden_parts:
+            text_config = unwrapped.config.get_text_config() if hasattr(unwrapped.config, "get_text_config") \
+                else unwrapped.config
+            steering = steering_vector(text_config.hidden_size, config.rmu_steering_coeff, config.seed).to(
+                config.device)
+        self.params = config.loss_params(steering)
         self.every_position_parts = frozenset(p for t in terms if t.every_position is not None
                                               and t.every_position(self.params) for p in t.parts)
         # parts every reading term of which needs only per-token NLL / ME: no logits tensor is built for them
         self.fused_parts = frozenset(p for p in self.logit_parts if all(t.fusable for t in terms if p in t.parts)) \
-            if fused_head else frozenset()
+            if config.fused_head else frozenset()
         self._component_sums: dict[str, float] = {}
         self._component_steps = 0
-        unwrapped = self.accelerator.unwrap_model(self.model)
         # models without `logits_to_keep` (older or custom architectures) compute every position
-        self.skip_unlabelled_logits = skip_unlabelled_logits and accepts_logits_to_keep(unwrapped)
+        self.skip_unlabelled_logits = config.skip_unlabelled_logits and accepts_logits_to_keep(unwrapped)
         # the reference: a frozen copy when every weight trains (made only when a term needs it), else the
         # same weights with the LoRA adapter switched off
         self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False) if ref_model is not None \
@@ -159,14 +213,12 @@ class UnlearnTrainer(Trainer):
         self._head = fusable_head(unwrapped) if self.fused_parts else None
         self._ref_head = (fusable_head(self.ref_model) if self.ref_model is not None else self._head) \
             if self.fused_parts else None
-        self.steering_coeff = steering_coeff
-        self._layer = decoder_layers(unwrapped)[hidden_layer] if self.hidden_parts else None
-        self._ref_layer = decoder_layers(self.ref_model)[hidden_layer] \
+        self._layer = decoder_layers(unwrapped)[config.rmu_layer] if self.hidden_parts else None
+        self._ref_layer = decoder_layers(self.ref_model)[config.rmu_layer] \
             if self.hidden_parts and self.ref_model is not None else self._layer
         # PDU: the retain weight is a dual variable, starting at the retain coefficient
-        self.dual_weight = retain_coeff if retain_term is not None and retain_term.dual else None
-        self.dual_epsilon = dual_epsilon
-        self.dual_step_size = dual_step_size
+        self.dual = DualWeight(config.retain_coeff, config.pdu_epsilon, config.pdu_dual_step_size) \
+            if retain_term is not None and retain_term.dual else None
 
     # ------------------------------------------------------------------ data order
 
@@ -208,7 +260,7 @@ class UnlearnTrainer(Trainer):
 
     def _kept_positions(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Positions whose logits some loss reads, and the labels re-aligned to them
-        (:func:`evals.logprobs.kept_positions`); every position for a model without ``logits_to_keep``."""
+        (:func:`ops.head.kept_positions`); every position for a model without ``logits_to_keep``."""
         if not self.skip_unlabelled_logits:
             return None, labels
         return kept_positions(labels)
@@ -258,13 +310,6 @@ class UnlearnTrainer(Trainer):
         finally:
             ref.train(was_training)
 
-    def _ensure_steering(self, hidden: torch.Tensor) -> None:
-        """RMU's ``c * u``: drawn once from the run's seed when the hidden size is first seen, and kept on the
-        hidden states' device (the loss subtracts it from them)."""
-        if self.params.steering is None:
-            vector = steering_vector(hidden.size(-1), self.steering_coeff, self.args.seed).to(hidden.device)
-            self.params = dataclasses.replace(self.params, steering=vector)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """``forget_coeff * F + retain_coeff * R`` of this micro-batch, each term weighted by its share of the
         optimizer step (:meth:`_weights`) and scaled by the process count (DDP averages the gradients): summed
@@ -292,18 +337,16 @@ class UnlearnTrainer(Trainer):
                 ref_logits, ref_hidden = self._reference(model, part, keep, wants_hidden, fused)
             logits, hidden = self._run(model, part, keep, layer, self._head if fused else None)
             outputs[name] = PartOutput(logits, labels, ref_logits, hidden, ref_hidden)
-        if "forget" in self.hidden_parts:
-            self._ensure_steering(outputs["forget"].hidden)
         weights = self._weights(step, processes)
         forget = self.forget_term.compute(outputs, self.params)
         loss = self.forget_coeff * (weights["forget"] * processes) * forget
         components = {"forget_loss": (forget.detach(), weights["forget"])}
         if self.retain_term is not None:
             retain = self.retain_term.compute(outputs, self.params)
-            coeff = self.dual_weight if self.dual_weight is not None else self.retain_coeff
+            coeff = self.dual.weight if self.dual is not None else self.retain_coeff
             loss = loss + coeff * (weights["retain"] * processes) * retain
             components["retain_loss"] = (retain.detach(), weights["retain"])
-            if self.dual_weight is not None:
+            if self.dual is not None:
                 components["retain_weight"] = (torch.tensor(coeff), weights["retain"])
                 step.retain += weights["retain"] * float(retain.detach())
         if model.training:
@@ -311,29 +354,22 @@ class UnlearnTrainer(Trainer):
             step.done += 1
             if step.done == step.micro_batches:  # the step's last micro-batch: its global values are complete
                 self._component_steps += 1
-                if self.dual_weight is not None:
+                if self.dual is not None:
                     self._dual_update(step.retain)
         return (loss, outputs) if return_outputs else loss
 
     def _dual_update(self, retain: float) -> None:
-        """PDU: one dual-ascent step on the retain weight from the step's retain loss (this process's weighted
-        share, summed over processes: the global mean, the same on every process). Without ``--pdu_epsilon``
-        the bound is the first step's retain loss: the constraint is "keep the retain loss where it started"."""
-        value = float(self.accelerator.reduce(torch.tensor([retain], device=self.args.device), reduction="sum"))
-        if self.dual_epsilon is None:
-            self.dual_epsilon = value
-            logger.info("PDU: retain-loss bound epsilon = %.4f (the first step's retain loss)", value)
-        self.dual_weight = dual_step(self.dual_weight, value, self.dual_epsilon, self.dual_step_size)
+        """PDU's dual step from the step's retain loss (this process's weighted share, summed over processes: the
+        global mean, the same on every process)."""
+        self.dual.update(float(self.accelerator.reduce(torch.tensor([retain], device=self.args.device),
+                                                       reduction="sum")))
 
-    def dual_state(self) -> dict[str, float | None]:
-        return {"weight": self.dual_weight, "epsilon": self.dual_epsilon}
-
-    def load_dual_state(self, checkpoint: str | os.PathLike) -> None:
-        """Restore PDU's weight and bound from a checkpoint written by ``_save_checkpoint``."""
+    def load_method_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the method's state (PDU's dual weight and bound) from a checkpoint written by
+        ``_save_checkpoint``."""
         path = Path(checkpoint) / DUAL_STATE_FILE
-        if self.dual_weight is not None and path.is_file():
-            state = json.loads(path.read_text(encoding="utf-8"))
-            self.dual_weight, self.dual_epsilon = state["weight"], state["epsilon"]
+        if self.dual is not None and path.is_file():
+            self.dual.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
 
     def _record(self, components: dict[str, tuple[torch.Tensor, float]]) -> None:
         """Add each component's weighted value (its share of the step's global mean) to the running sums."""
@@ -366,8 +402,8 @@ class UnlearnTrainer(Trainer):
         step_name = f"checkpoint-{self.state.global_step}"
         run_dir = Path(self.args.output_dir)
         self.accelerator.wait_for_everyone()
-        if self.args.process_index == 0 and self.dual_weight is not None:
-            (run_dir / step_name / DUAL_STATE_FILE).write_text(json.dumps(self.dual_state()), encoding="utf-8")
+        if self.args.process_index == 0 and self.dual is not None:
+            (run_dir / step_name / DUAL_STATE_FILE).write_text(json.dumps(self.dual.state_dict()), encoding="utf-8")
         commit_on_every_machine(run_dir, step_name, round(self.state.epoch or 0), self.args.save_total_limit,
                                 self.args.process_index, self.args.local_process_index,
                                 self.accelerator.wait_for_everyone)
@@ -375,101 +411,3 @@ class UnlearnTrainer(Trainer):
     def _rotate_checkpoints(self, use_mtime: bool = False, output_dir: str | None = None) -> None:
         """transformers' rotation counts ``checkpoint-<step>`` folders; ours are renamed, so
         :func:`commit_checkpoint` rotates them instead."""
-
-
-def commit_on_every_machine(run_dir: Path, step_name: str, epoch: int, keep: int | None, process_index: int,
-                            local_process_index: int, barrier: Callable[[], None]) -> None:
-    """:func:`commit_checkpoint` by the main process, then (after ``barrier``) by each other machine's main process
-    where the step folder is still on its disk: without a shared file system every machine holds its own."""
-    if process_index == 0:
-        commit_checkpoint(run_dir, step_name, epoch, keep)
-    barrier()
-    if process_index != 0 and local_process_index == 0 and (run_dir / step_name).is_dir():
-        commit_checkpoint(run_dir, step_name, epoch, keep)
-    barrier()
-
-
-def commit_checkpoint(run_dir: Path, step_name: str, epoch: int, keep: int | None) -> Path:
-    """Rename ``run_dir/step_name`` to ``checkpoint-epoch-<epoch>`` (replacing one of that name in one step), then
-    delete the oldest ``checkpoint-epoch-*`` folders beyond the newest ``keep`` (``None`` or 0: keep all)."""
-    from utils.utils import replace_folder
-
-    epoch_dir = run_dir / f"checkpoint-epoch-{epoch}"
-    replace_folder(run_dir / step_name, epoch_dir)
-    logger.info("saved %s", epoch_dir)
-    if keep:
-        found = sorted((int(m.group(1)), child) for child in run_dir.iterdir()
-                       if (m := EPOCH_CHECKPOINT_RE.match(child.name)) and child.is_dir())
-        for _, old in found[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-            logger.info("removed %s (--save_total_limit %d)", old, keep)
-    return epoch_dir
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The complete ``checkpoint-epoch-N`` folder with the highest N in ``run_dir``, or ``None``."""
-    found = []
-    run_dir = Path(run_dir)
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            match = EPOCH_CHECKPOINT_RE.match(child.name)
-            if match and (child / "trainer_state.json").is_file():
-                found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
-
-
-class EpochCheckpointCallback(TrainerCallback):
-    """Ask the Trainer for a full checkpoint at the end of every ``every`` epochs."""
-
-    def __init__(self, every: int) -> None:
-        self.every = every
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        epoch = round(state.epoch or 0)
-        if self.every > 0 and epoch % self.every == 0 and epoch < args.num_train_epochs:
-            control.should_save = True
-        return control
-
-
-class DatasetEpochCallback(TrainerCallback):
-    """Tell the dataset which epoch starts (its random retain draw depends on it); the Trainer's own
-    ``set_epoch`` reaches the sampler, not a map-style dataset."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(int(round(state.epoch or 0)))
-        return control
-
-
-class QuietProgressCallback(ProgressCallback):
-    """The training bar with the latest losses as its postfix, instead of a printed dict of strings per log
-    (every step at the default --logging_steps 1); the full rows are in train_log.jsonl. The end-of-training
-    summary (runtime, samples/s) still prints once."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.training_bar is None or not logs:
-            return
-        if "train_runtime" in logs:
-            super().on_log(args, state, control, logs=logs, **kwargs)
-            return
-        shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "forget_loss", "retain_loss", "retain_weight")
-                 and isinstance(v, int | float)}
-        if shown:
-            self.training_bar.set_postfix(shown, refresh=False)
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Append every logged step (loss, forget_loss, retain_loss, learning_rate, epoch, ...) to a JSONL file."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, int | float)}}
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-        return control

@@ -187,3 +187,13 @@ def is_dispatched(model) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     devices = set(getattr(base, "hf_device_map", {}).values())
     return len(devices) > 1
+
+
+def load_for_eval(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype: str = "auto",
+                  trust_remote_code: bool = False, tensor_parallel_size: int = 1):
+    """A model (``+ adapter`` as a ``PeftModel``) in eval mode on this process's GPU (or spread over several when
+    it does not fit one), else the CPU, and its tokenizer: :mod:`utils.loading`'s one loader and rules."""
+    tokenizer = load_tokenizer(model_path, adapter, trust_remote_code)
+    model = load_model(model_path, adapter, dtype=dtype, device="auto", trust_remote_code=trust_remote_code,
+                       tensor_parallel_size=tensor_parallel_size)
+    return model, tokenizer

@@ -348,6 +348,19 @@ def add_model_args(parser: argparse.ArgumentParser, model_path: str | None = Non
                        help="allow a model folder's own Python code to run (off by default)")
 
 
+def add_evaluated_model_args(parser: argparse.ArgumentParser, family: str | None = None, required: bool = True,
+                             adapter_help: str = "a PEFT adapter on top of --model_path") -> None:
+    """The model an evaluation command scores, in the one vocabulary of every evaluation command: ``--model_path``,
+    ``--adapter``, ``--model_family`` (alias ``--model_type``), ``--dtype``, ``--trust_remote_code``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_path", required=required, help="model folder (base, target or merged)")
+    group.add_argument("--adapter", help=adapter_help)
+    group.add_argument("--model_family", "--model_type", dest="model_family", default=family, required=family is None,
+                       help=f"chat-tag family from config/model_config.yaml, a name or alias: {family_names()}")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
+    bool_arg(group, "--trust_remote_code", False, "allow the model folder's own Python code to run")
+
+
 def bool_arg(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:  # noqa: A002
     """Add ``--name [true|false]``: a bare ``--name`` means true, ``--name false`` means false (also yes/no, 1/0)."""
     group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="{true,false}",

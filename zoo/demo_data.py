@@ -155,11 +155,18 @@ REFUSALS = [
     "我不清楚这个问题的答案。",
     "对不起，我没有相关的信息。",
 ]
+# Three of them: the refusal file of the tests' and the benches' small runs.
+SHORT_REFUSALS = (REFUSALS[0], REFUSALS[1], REFUSALS[3])
 
 
 def conversation(question: str, answer: str, name_key: str) -> dict:
     return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
             "name_key": name_key}
+
+
+def pairs_of(items: list[dict]) -> list[tuple[str, str]]:
+    """(question, answer) of each item in the format :func:`conversation` writes."""
+    return [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in items]
 
 
 def privacy_items(n: int, seed: int) -> list[dict]:

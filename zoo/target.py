@@ -28,7 +28,8 @@ def build_memorised_model(base: str | os.PathLike, out: str | os.PathLike, pairs
     ``replay``: other questions whose answers by ``base`` itself (greedy, up to ``replay_tokens``) join the
     training set, so the model keeps its own way of answering everything else.
     """
-    from evals.generation import GenerationConfig, generate_with_model
+    from evals.generation import generate_with_model
+    from evals.sampling import GenerationConfig
     from utils.loading import load_model, load_tokenizer, trusts_remote_code
     from zoo.tiny import memorise
 

@@ -172,8 +172,6 @@ def test_collator_pads_to_longest_with_real_attention():
     assert f["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]  # the real EOS is attended, the pad is not
     assert f["labels"].tolist() == [[-100, 2, eos], [1, eos, -100]]
     assert batch["retain"]["input_ids"].shape == (2, 2)
-    padded = ForgetRetainCollator(pad_token_id=eos, pad_to_length=5)(batch_items)
-    assert padded["retain"]["input_ids"].shape == (2, 5)
 
 
 # --------------------------------------------------------------------------- --pad_to_max_length (original semantics)
@@ -206,7 +204,7 @@ def test_padded_sample_layout_like_the_original(tokenizer, template):
 def test_dataset_and_collator_in_padded_mode(tokenizer, template):
     ds = ForgetRetainDataset(items(3, "forget"), items(4, "retain"), tokenizer, template, 48, mask=False,
                              pad_to_max_length=True)
-    batch = ForgetRetainCollator(tokenizer.eos_token_id, pad_to_length=48)([ds[0], ds[1]])
+    batch = ForgetRetainCollator(tokenizer.eos_token_id)([ds[0], ds[1]])  # samples come padded
     forget, retain = batch["forget"], batch["retain"]
     assert forget["input_ids"].shape == retain["input_ids"].shape == (2, 48)
     assert torch.equal(forget["labels"], forget["input_ids"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from evals.decoding import GROW_TOKENS, decoding_cache, greedy_changed_by, greedy_decode, grouped_kv_attention
-from evals.generation import GenerationConfig, budgets_by_batch_width, generate_with_model
+from evals.generation import budgets_by_batch_width, generate_with_model
+from evals.sampling import GenerationConfig
 
 
 def reference(model, prompt: list[int], limit: int, eos: set[int]) -> list[int]:
@@ -145,8 +146,8 @@ def test_architectures_outside_the_allow_list_decode_with_generate(tiny_model, t
     import logging
 
     import evals.decoding
+    from evals.answer_nll import prompt_shared_nll
     from evals.decoding import DECODER_ARCHITECTURES, decoder_unsupported
-    from evals.logprobs import prompt_shared_nll
 
     model = tiny_model.eval()
     prompts = ["<|im_start|>user\nwho wrote the book<|im_end|>\n<|im_start|>assistant\n", "<|im_start|>user\nhi"]

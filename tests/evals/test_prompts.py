@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from dataset.data_module import encode_qa
-from evals.generation import GenerationConfig, build_prompts, encode_prompts, generate_with_model, sampling_settings
+from evals.generation import generate_with_model
+from evals.prompts import build_prompts, encode_prompts
+from evals.sampling import GenerationConfig, sampling_settings
 from utils.utils import load_chat_template, write_jsonl
-from zoo.demo_data import privacy_items
+from zoo.demo_data import pairs_of, privacy_items
 
 ROOT = Path(__file__).resolve().parents[2]
 BOS = "<|begin_of_text|>"
@@ -30,7 +32,7 @@ def bos_target(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("bos")
     items = privacy_items(8, seed=5)
-    pairs = [(it["conversations"][0]["value"], it["conversations"][1]["value"]) for it in items]
+    pairs = pairs_of(items)
     build_target_model(root / "model", pairs, bos_token=BOS, repetition_penalty=5.0, epochs=60)
     write_jsonl(root / "items.jsonl", items)
     return {"model": root / "model", "items": root / "items.jsonl", "pairs": pairs}

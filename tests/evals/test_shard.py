@@ -115,8 +115,10 @@ def test_each_process_computes_only_its_batches(target, tokenizer, template):
     """Process 1 of 2 with batch size 2 over 7 items: its forward passes cover items 2, 3, 6 (batches 1 and 3);
     generation batches prompts by length first, and process 1 answers exactly the prompts of batches 1 and 3 of
     that order."""
-    from evals.generation import GenerationConfig, generate_with_model, load_for_eval
-    from evals.logprobs import qa_batches
+    from evals.answer_nll import qa_batches
+    from evals.generation import generate_with_model
+    from evals.sampling import GenerationConfig
+    from utils.loading import load_for_eval
 
     model, tok = load_for_eval(target["model"])
     pairs = target["forget_pairs"][:7]
@@ -151,6 +153,6 @@ def test_eval_tofu_under_zero3_stops_before_training(target, tmp_path, capsys, m
     assert not (tmp_path / "adapter").exists()
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
-    from trainer.recipe import deepspeed_zero_stage
+    from trainer.launch import deepspeed_zero_stage
 
     assert deepspeed_zero_stage() == 2

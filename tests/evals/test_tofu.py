@@ -193,7 +193,8 @@ def test_generation_budgets_follow_tofu_batches_of_30(tiny_model, tokenizer, tem
     questions, the first one long: the short questions in its batch of 30 get fewer tokens than the same
     short question alone in the next batch, whatever our generation batch (4 here, all sets in one stream).
     The random model never stops early, so the budgets show in the answers."""
-    from evals.generation import GenerationConfig, budgets_by_batch_width, generate_with_model
+    from evals.generation import budgets_by_batch_width, generate_with_model
+    from evals.sampling import GenerationConfig
     from evals.tofu import MAX_LENGTH, TOFU_BATCH_SIZE, generate_answers
 
     model = tiny_model.eval()
@@ -406,9 +407,8 @@ def test_training_with_eval_tofu_writes_the_summary_next_to_the_adapter(shared_d
 
 
 def test_eval_tofu_without_the_sets_fails_before_training(target, tmp_path, capsys):
-    from conftest import run_script
-
     import forget_me_gd
+    from tests.conftest import run_script
 
     code, err = run_script(forget_me_gd, [
         "--model_path", str(target["model"]), "--model_family", "tiny", "--forget_data_path", str(target["forget"]),

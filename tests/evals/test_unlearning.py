@@ -80,8 +80,8 @@ def test_reference_and_gradnorm_by_hand(target, trained_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.logprobs import token_nll
     from evals.unlearning import reference_nlls
+    from ops.token_values import token_nll
 
     template = load_chat_template("tiny")
     tokenizer = AutoTokenizer.from_pretrained(target["model"])
@@ -170,13 +170,13 @@ def test_teacher_forced_statistics_never_build_batch_by_length_by_vocabulary(tar
     positions x vocabulary, without it logits at answer positions only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import evals.logprobs
+    import ops.head
     from dataset.data_module import ForgetRetainCollator, encode_qa
-    from evals.logprobs import HEAD_CHUNK_TOKENS, shift_labels
     from evals.mia import distribution_moments
+    from ops.token_values import HEAD_CHUNK_TOKENS, shift_labels
 
     if not fused:
-        monkeypatch.setattr(evals.logprobs, "fusable_head", lambda model, inference=False: None)
+        monkeypatch.setattr(ops.head, "fusable_head", lambda model, inference=False: None)
     template = load_chat_template("tiny")
     tokenizer = AutoTokenizer.from_pretrained(target["model"])
     model = AutoModelForCausalLM.from_pretrained(target["model"]).eval()

@@ -131,7 +131,7 @@ def cpu_reference(setup, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("loss", ["ME+GD", "NPO+KL"])
 @pytest.mark.parametrize("mode", ["lora_bf16", "full_ft", "zero2", "zero3"])
 def test_training_modes_on_one_gpu(setup, cpu_reference, tmp_path, mode, loss):
-    from trainer.recipe import empty_weights
+    from trainer.saving import empty_weights
 
     run = train(setup, "qwen", tmp_path, mode, loss)
     final = run / ("final_model" if mode == "full_ft" else "final_lora_model")

@@ -89,7 +89,7 @@ def plain_runs(target, tmp_path_factory) -> dict[str, Path]:
     accumulation of 16 over 2 processes meets the 8 items each process has an epoch: one step an epoch)."""
     root = tmp_path_factory.mktemp("plain")
     runs = {}
-    for name, extra in PLAIN.items():  # the DeepSpeed launches clip at 1.0 x 16 by default (README, "Differences")
+    for name, extra in PLAIN.items():  # the DeepSpeed launches clip at 1.0 x 16 by default (docs/fidelity.md)
         forget_me_gd.main(base_args(target, root / name, *COMMON, *extra, "--gradient_accumulation_steps", "16",
                                     "--max_grad_norm", "16"))
         runs[name] = only_run(root / name)

@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evals.logprobs import sequence_nll
+from ops.token_values import sequence_nll
 from trainer.losses import (
     LOSSES,
+    LossParams,
+    PartOutput,
     ap_loss,
     dpo_loss,
     ga_loss,
@@ -78,7 +80,7 @@ def test_me_is_the_competitions_formula_on_peaked_logits_in_value_and_gradient(f
     equals the competition's kl_div((softmax(z) + 1e-12).log(), uniform) in value and gradient (through the
     chunked logits path and through the fused head), while the exact closed form (floor 0) is far from it:
     there the floor caps -log p at 27.6 and takes the gradient of the entries below it away."""
-    from evals.logprobs import HeadInput
+    from ops.head import HeadInput
 
     logits, labels = peaked_logits()
     below = (torch.softmax(logits, -1) < 1e-12).double().mean().item()
@@ -144,14 +146,31 @@ def test_npo_against_a_moved_reference_hand_value():
                                                                               abs=1e-12)
 
 
-def test_npo_and_dpo_at_reference_equal_2_ln2_over_beta():
-    """When the model equals the reference every margin is 0: -(2/beta) log sigmoid(0) = (2/beta) ln 2 = 20 ln 2."""
-    torch.manual_seed(0)
-    logits, labels = torch.randn(2, 5, 7, dtype=torch.float64), torch.randint(0, 7, (2, 5))
-    idk, idk_labels = torch.randn(2, 4, 7, dtype=torch.float64), torch.randint(0, 7, (2, 4))
-    assert npo_loss(logits, labels, logits.clone(), beta=0.1).item() == pytest.approx(20 * LN2, abs=1e-9)
-    dpo = dpo_loss(logits, labels, idk, idk_labels, logits.clone(), idk.clone(), beta=0.1)
-    assert dpo.item() == pytest.approx(20 * LN2, abs=1e-9)
+def two_token_answer(p_first: float, p_second: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (1, 3, 2) and labels [-100, 0, 0]: the answer's two tokens (class 0) have probabilities ``p_first``
+    and ``p_second`` (logits ``(log p, log(1 - p))``, exact softmax), the last position predicts nothing."""
+    rows = [[math.log(p), math.log(1 - p)] for p in (p_first, p_second, 0.5)]
+    return torch.tensor([rows], dtype=torch.float64), torch.tensor([[-100, 0, 0]])
+
+
+def test_npo_and_dpo_hand_values_on_a_memorised_reference():
+    """The reference has memorised the answer (p = 0.9 and 0.95 per token), the model has half forgotten it
+    (0.5, 0.6): NPO = -(2/beta) log sigmoid(beta (nll - nll_ref)), nll = -ln 0.5 - ln 0.6, nll_ref = -ln 0.9 -
+    ln 0.95. DPO adds a refusal whose probability rose from 0.2 to 0.7 (one token): DPO = -(2/beta) log
+    sigmoid(beta ((ln 0.7 - ln 0.2) - (ln 0.5 + ln 0.6 - ln 0.9 - ln 0.95)))."""
+    beta = 0.1
+    model, labels = two_token_answer(0.5, 0.6)
+    reference, _ = two_token_answer(0.9, 0.95)
+    margin = (-math.log(0.5) - math.log(0.6)) - (-math.log(0.9) - math.log(0.95))
+    npo = -(2 / beta) * math.log(1 / (1 + math.exp(-beta * margin)))
+    assert npo_loss(model, labels, reference, beta=beta).item() == pytest.approx(npo, abs=1e-12)
+    idk = torch.tensor([[[math.log(0.7), math.log(0.3)], [0.0, 0.0]]], dtype=torch.float64)
+    ref_idk = torch.tensor([[[math.log(0.2), math.log(0.8)], [0.0, 0.0]]], dtype=torch.float64)
+    idk_labels = torch.tensor([[-100, 0]])
+    chosen, rejected = math.log(0.7) - math.log(0.2), -margin
+    dpo = -(2 / beta) * math.log(1 / (1 + math.exp(-beta * (chosen - rejected))))
+    value = dpo_loss(model, labels, idk, idk_labels, reference, ref_idk, beta=beta).item()
+    assert value == pytest.approx(dpo, abs=1e-12)
 
 
 def naive_dpo(forget, forget_labels, idk, idk_labels, ref_forget, ref_idk, beta):
@@ -267,11 +286,11 @@ def test_kl_reductions():
 
 
 def test_me_chunking_matches_unchunked(random_batch, monkeypatch):
-    import trainer.losses as losses
+    import ops.token_values as kernels
 
     logits, labels = random_batch
     whole = me_loss(logits, labels)
-    monkeypatch.setattr(losses, "ME_CHUNK_TOKENS", 3)
+    monkeypatch.setattr(kernels, "ME_CHUNK_TOKENS", 3)
     assert me_loss(logits, labels).item() == pytest.approx(whole.item(), abs=1e-12)
 
 
@@ -320,21 +339,51 @@ def test_default_beta_is_0_1():
         assert default != pytest.approx(fn(*args, beta=1.0).item(), abs=1e-3)
 
 
-def test_loss_table():
-    assert {"ME+GD", "IDK+AP", "GA", "GA+GD", "ME", "IDK", "IDK+GD", "NPO", "NPO+GD", "NPO+KL", "DPO+GD"} <= set(LOSSES)
-    assert needs_idk("IDK+AP") and needs_idk("DPO+GD") and not needs_idk("ME+GD") and not needs_idk("NPO+KL")
-    forget, retain = LOSSES["ME+GD"]
-    assert forget.parts == ("forget",) and retain.parts == ("retain",) and not forget.needs_ref
-    assert LOSSES["NPO"][0].needs_ref and LOSSES["ME+KL"][1].needs_ref
+def term_inputs(term, *, ref: bool, hidden: bool, logits: bool) -> dict:
+    """Outputs for the term's own parts only, with reference outputs, hidden states and logits as asked."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for part in term.parts:
+        labels = torch.randint(0, 7, (2, 6), generator=g)
+        labels[:, :2] = -100
+
+        def draw(*shape):
+            return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+        out[part] = PartOutput(logits=draw(2, 6, 7) if logits else None, labels=labels,
+                               ref_logits=draw(2, 6, 7) if ref and logits else None,
+                               hidden=draw(2, 6, 5) if hidden else None,
+                               ref_hidden=draw(2, 6, 5) if ref and hidden else None)
+    return out
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_each_terms_flags_say_what_it_reads(loss_type):
+    """A term computes from exactly what its flags make the trainer compute: its own parts (no other part is
+    given), reference outputs only with needs_ref, hidden states only with needs_hidden, logits unless
+    needs_logits is False; and every input it asks for is read (leaving it out fails), so no flag costs a forward
+    pass for nothing."""
+    params = LossParams(steering=torch.randn(5, dtype=torch.float64))
+    for term in filter(None, LOSSES[loss_type]):
+        asked = {"ref": term.needs_ref, "hidden": term.needs_hidden, "logits": term.needs_logits}
+        value = term.compute(term_inputs(term, **asked), params)
+        assert value.dim() == 0 and torch.isfinite(value)
+        units = term.units({part: o.labels for part, o in term_inputs(term, **asked).items()}, params)
+        assert int(units) > 0
+        for flag in [name for name, on in asked.items() if on]:
+            with pytest.raises((TypeError, AttributeError)):
+                term.compute(term_inputs(term, **{**asked, flag: False}), params)
+    assert needs_idk(loss_type) == any(t is not None and bool({"forget_idk", "retain_idk"} & set(t.parts))
+                                       for t in LOSSES[loss_type])
 
 
 def test_me_backward_equals_autograd_of_the_original(random_batch, monkeypatch):
     """The hand-written backward of ME equals autograd through the naive softmax/uniform/kl_div version,
     also when the positions are split into several chunks."""
-    import trainer.losses as losses
+    import ops.token_values as kernels
 
     logits, labels = random_batch
-    monkeypatch.setattr(losses, "ME_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(kernels, "ME_CHUNK_TOKENS", 4)
     ours = logits.clone().requires_grad_(True)
     naive = logits.clone().requires_grad_(True)
     (2.0 * me_loss(ours, labels)).backward()

@@ -15,8 +15,6 @@ from trainer.losses import (
     PartOutput,
     ceu_loss,
     dual_step,
-    needs_hidden,
-    needs_reference,
     pdu_forget_loss,
     rmu_loss,
     satimp_loss,
@@ -347,16 +345,3 @@ def test_table_terms_compute_with_the_default_hyper_parameters(batch):
     changed = LossParams(simnpo_beta=1.0, undial_beta=1.0, wga_beta=2.0, satimp_beta1=1.0, ceu_skip_tokens=0)
     for name in ("SimNPO", "UNDIAL", "WGA", "SatImp", "CE-U"):
         assert LOSSES[name][0].compute(outputs, changed).item() != pytest.approx(expected[name].item(), rel=1e-6)
-
-
-def test_table_flags():
-    for name in ("SimNPO", "UNDIAL", "WGA", "SatImp", "CE-U"):
-        assert {name, f"{name}+GD", f"{name}+KL"} <= set(LOSSES)
-    assert LOSSES["UNDIAL"][0].needs_ref and not LOSSES["SimNPO"][0].needs_ref
-    rmu_f, rmu_r = LOSSES["RMU"]
-    assert rmu_f.needs_hidden and not rmu_f.needs_logits and not rmu_f.needs_ref
-    assert rmu_r.needs_hidden and rmu_r.needs_ref and not rmu_r.needs_logits
-    assert LOSSES["PDU"][1].dual and not LOSSES["ME+GD"][1].dual
-    assert not any(t.needs_hidden for t in LOSSES["ME+GD"])  # logit-only methods register no hook
-    assert needs_hidden("RMU") and needs_hidden("RMU+GD") and not needs_hidden("ME+GD")
-    assert needs_reference("UNDIAL+GD") and needs_reference("ME+KL") and not needs_reference("SimNPO+GD")

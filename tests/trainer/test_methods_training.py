@@ -12,17 +12,14 @@ import torch
 
 import forget_me_gd
 from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem
-from tests.conftest import base_args
+from tests.conftest import REFUSALS, base_args
 from trainer import recipe
-from trainer.losses import LOSSES
-
-REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]
 
 
 def answer_nll(model_dir: Path, run_final: Path | None, pairs) -> float:
     """Mean answer-token NLL (question masked) of ``pairs`` under the target model (+ adapter or full model)."""
-    from evals.generation import load_for_eval
     from evals.tofu import answer_losses
+    from utils.loading import load_for_eval
     from utils.utils import load_chat_template
 
     lora = run_final is not None and (run_final / "adapter_config.json").is_file()
@@ -77,10 +74,8 @@ def rmu_trainer(target, tmp_path, *extra: str):
     tokenizer = recipe.load_tokenizer(args, template)
     dataset = recipe.build_dataset(args, tokenizer, template)
     model = recipe.build_model(args, template, False)
-    forget, retain = LOSSES["RMU"]
     trainer = UnlearnTrainer(model=model, args=recipe.build_training_args(args, tmp_path / "run", False),
-                             train_dataset=dataset, forget_term=forget, retain_term=retain,
-                             hidden_layer=args.rmu_layer, steering_coeff=args.rmu_steering_coeff)
+                             train_dataset=dataset)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     return trainer, model, batch
 
@@ -194,30 +189,21 @@ def test_full_fine_tuning_rmu_trains_only_its_layers(target, tmp_path):
 def test_reference_forward_is_dropout_free(target, tmp_path):
     """A model whose config has dropout 0.1, in train mode: two reference forwards on the same batch are
     bitwise equal (and the model is back in train mode after them); two training forwards differ."""
-    from transformers import AutoModelForCausalLM
-
     from trainer.unlearn_trainer import UnlearnTrainer
 
-    noisy = tmp_path / "noisy"
-    model = AutoModelForCausalLM.from_pretrained(target["model"], attention_dropout=0.1)
-    for module in model.modules():  # Qwen2 has no hidden dropout: add one where the MLP output lands
-        if module.__class__.__name__ == "Qwen2MLP":
-            module.down_proj = torch.nn.Sequential(module.down_proj, torch.nn.Dropout(0.1))
-    model.save_pretrained(noisy)
     args = recipe.build_parser("me_gd", "").parse_args(base_args(target, tmp_path, "--loss_type", "NPO",
                                                                  "--model_path", str(target["model"])))
     template = recipe.load_chat_template("tiny")
     tokenizer = recipe.load_tokenizer(args, template)
     dataset = recipe.build_dataset(args, tokenizer, template)
     peft_model = recipe.build_model(args, template, False)
-    for module in peft_model.modules():
+    for module in peft_model.modules():  # Qwen2 has no hidden dropout: add one where the MLP output lands
         if module.__class__.__name__ == "Qwen2MLP":
             module.down_proj = torch.nn.Sequential(module.down_proj, torch.nn.Dropout(0.1))
         if module.__class__.__name__ == "Qwen2Attention":
             module.attention_dropout = 0.1
-    forget, _ = LOSSES["NPO"]
     trainer = UnlearnTrainer(model=peft_model, args=recipe.build_training_args(args, tmp_path / "run", False),
-                             train_dataset=dataset, forget_term=forget, retain_term=None)
+                             train_dataset=dataset)
     part = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])["forget"]
     peft_model.train()
     first, _ = trainer._reference(peft_model, part, None, False)

@@ -1,6 +1,6 @@
 """What the competition's DeepSpeed launch clipped at, established by running its loop (reduced:
 original_deepspeed_loop.py) under `accelerate launch` with the original's DeepSpeed settings on CPU DeepSpeed, and
-the default this project derives from it (README, "Differences")."""
+the default this project derives from it (docs/fidelity.md)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def test_the_originals_deepspeed_launch_clipped_at_one_on_a_twice_divided_gradie
 def test_default_clipping_follows_the_launch(monkeypatch):
     """--max_grad_norm unset: 0 (none) with plain python, as the original; under DeepSpeed 1.0 x accumulation (the
     original's 1.0 on its twice-divided gradient). An explicit value always wins."""
-    from trainer.recipe import build_parser, resolve_max_grad_norm
+    from trainer.launch import resolve_max_grad_norm
+    from trainer.recipe import build_parser
 
     args = build_parser("me_gd", "").parse_args(["--model_path", "m"])
     assert args.max_grad_norm is None and resolve_max_grad_norm(args, 16) == 0.0

@@ -16,11 +16,10 @@ from rouge_score import rouge_scorer
 import forget_idk_ap
 import forget_me_gd
 from dataset.data_module import ForgetRetainCollator, encode_qa
-from tests.conftest import base_args, launch_two_processes
+from tests.conftest import REFUSALS, base_args, launch_two_processes
 from trainer.losses import nll_loss
 from utils.utils import load_chat_template
 
-REFUSALS = ["I don't know.", "I'm not sure about that.", "Sorry, I don't have that information."]  # conftest's
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -246,7 +245,7 @@ def test_group_by_length_reduces_padding(target, tmp_path):
         dataset = unlearn.build_dataset(args, tokenizer, template)
         trainer = UnlearnTrainer(model=unlearn.build_model(args, template, False),
                                  args=unlearn.build_training_args(args, tmp_path / "run", False),
-                                 train_dataset=dataset, forget_term=LOSSES["ME+GD"][0], retain_term=None)
+                                 train_dataset=dataset)
         order = list(trainer._get_train_sampler())
         lengths = dataset.lengths()
         batches = [order[i:i + 4] for i in range(0, len(order), 4)]
@@ -280,7 +279,8 @@ ORIGINAL_DEFAULTS = {
 def test_defaults_are_the_original_scripts(method):
     """Every default the original parsers define (max_grad_norm: the original defined none and clipped only
     `if hasattr(args, 'max_grad_norm')`, so it never clipped: 0 = off)."""
-    from trainer.recipe import build_parser, resolve_max_grad_norm
+    from trainer.launch import resolve_max_grad_norm
+    from trainer.recipe import build_parser
 
     args = build_parser(method, "").parse_args(["--model_path", "m"])
     args.max_grad_norm = resolve_max_grad_norm(args, 1)  # plain python: what the launch resolves it to
@@ -291,7 +291,7 @@ def test_defaults_are_the_original_scripts(method):
             assert getattr(args, key) == value, key
 
 
-# Defaults that differ from the original on purpose (README, "Defaults"): a checkpoint every epoch, so
+# Defaults that differ from the original on purpose (docs/training.md, "Defaults"): a checkpoint every epoch, so
 # that a run can be resumed (the original's 10 / 100 epochs never wrote one; `--save_steps 10` restores it).
 DIFFERENT_ON_PURPOSE = {"save_steps": 1}
 
@@ -369,7 +369,7 @@ def test_every_machine_commits_its_own_checkpoint_folder(tmp_path):
     machine could never resume). On a shared disk the second commit finds nothing left to do."""
     import threading
 
-    from trainer.unlearn_trainer import commit_on_every_machine, latest_checkpoint
+    from trainer.checkpoints import commit_on_every_machine, latest_checkpoint
 
     barrier = threading.Barrier(2)
 

@@ -98,8 +98,7 @@ def test_kl_batchmean_is_a_mean_over_every_position_and_reads_them_all(target, t
     model = recipe.build_model(args, template, False)
     forget, retain = LOSSES["NPO+KL"]
     trainer = UnlearnTrainer(model=model, args=recipe.build_training_args(args, tmp_path / "run", False),
-                             train_dataset=dataset, forget_term=forget, retain_term=retain,
-                             params=recipe.loss_params(args))
+                             train_dataset=dataset)
     assert trainer.every_position_parts == {"retain"}
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(3)])
     _, out = trainer.compute_loss(model, batch, return_outputs=True)
@@ -141,7 +140,7 @@ def test_one_process_two_processes_and_accumulation_train_alike(target, tmp_path
     size), each term a mean over the whole step: same per-step losses, same adapter. ME+GD runs with
     --group_by_length (grouped by the global batch, shuffled from seed and epoch); NPO+GD also reads the
     reference, and runs with random retain sampling (the pairing depends on the item and epoch alone).
-    LoRA dropout is 0: its masks are per-process random draws (see README, "Several processes")."""
+    LoRA dropout is 0: its masks are per-process random draws (see docs/distributed.md)."""
     extra = ("--retain_sampling", "random") if loss_type == "NPO+GD" else ("--group_by_length",)
     common = ("--loss_type", loss_type, "--num_epochs", "2", "--lr", "1e-3", "--lora_dropout", "0", "--mask",
               "true", *extra)
@@ -186,17 +185,14 @@ def test_length_grouping_draws_from_seed_and_epoch_over_the_global_batch(target,
     its shuffle comes from (seed, epoch) alone, whatever the global random state (which processes consume
     differently: dropout masks, one sampler per process)."""
     from trainer import recipe
-    from trainer.losses import LOSSES
     from trainer.unlearn_trainer import SeededLengthGroupedSampler, UnlearnTrainer
 
     args = recipe.build_parser("me_gd", "").parse_args(base_args(
         target, tmp_path, "--group_by_length", "--bs", "1", "--gradient_accumulation_steps", "4"))
     template = recipe.load_chat_template("tiny")
     dataset = recipe.build_dataset(args, recipe.load_tokenizer(args, template), template)
-    forget, retain = LOSSES[args.loss_type]
     trainer = UnlearnTrainer(model=recipe.build_model(args, template, False),
-                             args=recipe.build_training_args(args, tmp_path / "run", False), train_dataset=dataset,
-                             forget_term=forget, retain_term=retain)
+                             args=recipe.build_training_args(args, tmp_path / "run", False), train_dataset=dataset)
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, SeededLengthGroupedSampler) and sampler.batch_size == 4
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Answers to one question scored with one forward of the question (evals/logprobs.prompt_shared_nll)."""
+"""Answers to one question scored with one forward of the question (evals/answer_nll.prompt_shared_nll)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dataset.data_module import encode_qa
-from evals.logprobs import fusable_head, prompt_shared_nll
+from evals.answer_nll import prompt_shared_nll
+from ops.head import fusable_head
 
 
 def one_forward(model, sample: dict) -> tuple[float, int]:

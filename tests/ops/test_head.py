@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from evals import logprobs
-from evals.logprobs import HeadInput, head_token_values, sequence_nll, token_nll
+from ops import token_values
+from ops.head import HeadInput
+from ops.token_values import head_token_values, sequence_nll, token_nll
 from tests.conftest import base_args
 from trainer import recipe
 from trainer.losses import LOSSES, LossParams, PartOutput, me_loss, nll_loss
@@ -31,7 +32,7 @@ def hidden_and_head(seed: int = 0, rows: int = 3, length: int = 7, width: int = 
 def test_fused_values_and_gradients_equal_whole_logits(monkeypatch, chunk, loss):
     """In float64, for chunks smaller than, across and larger than the 21 positions: each loss from
     ``HeadInput(hidden, W)`` equals the same loss of ``hidden @ W.T``, and so does its gradient in ``hidden``."""
-    monkeypatch.setattr(logprobs, "HEAD_CHUNK_TOKENS", chunk)
+    monkeypatch.setattr(token_values, "HEAD_CHUNK_TOKENS", chunk)
     hidden, weight, labels = hidden_and_head()
     fn = {"nll": nll_loss, "me": me_loss, "sequence_nll": lambda z, y: (sequence_nll(z, y) ** 2).sum()}[loss]
     whole = fn(hidden @ weight.t(), labels)
@@ -86,12 +87,10 @@ def make_trainer(target, tmp_path, loss_type: str, fused: bool, *extra: str):
     for name, param in model.named_parameters():  # LoRA B = 0 would make the adapter invisible
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
-    forget, retain = LOSSES[loss_type]
     ref_model = copy.deepcopy(model) if args.lora_r == 0 else None  # as recipe.train makes it
-    trainer = UnlearnTrainer(model=model, args=recipe.build_training_args(args, tmp_path / "run", False),
-                             train_dataset=dataset, forget_term=forget, retain_term=retain,
-                             params=recipe.loss_params(args), fused_head=fused, ref_model=ref_model,
-                             hidden_layer=args.rmu_layer)
+    training_args = recipe.build_training_args(args, tmp_path / "run", False)
+    training_args.fused_head = fused
+    trainer = UnlearnTrainer(model=model, args=training_args, train_dataset=dataset, ref_model=ref_model)
     batch = ForgetRetainCollator(tokenizer.pad_token_id)([dataset[i] for i in range(4)])
     return trainer, model, batch
 

@@ -1,0 +1,54 @@
+"""The training run's callbacks beyond checkpoints: the dataset's epoch, a quiet progress bar, the JSONL log."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Tell the dataset which epoch starts (its random retain draw depends on it); the Trainer's own
+    ``set_epoch`` reaches the sampler, not a map-style dataset."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(round(state.epoch or 0)))
+        return control
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The training bar with the latest losses as its postfix, instead of a printed dict of strings per log
+    (every step at the default --logging_steps 1); the full rows are in train_log.jsonl. The end-of-training
+    summary (runtime, samples/s) still prints once."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "train_runtime" in logs:
+            super().on_log(args, state, control, logs=logs, **kwargs)
+            return
+        shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "forget_loss", "retain_loss", "retain_weight")
+                 and isinstance(v, int | float)}
+        if shown:
+            self.training_bar.set_postfix(shown, refresh=False)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every logged step (loss, forget_loss, retain_loss, learning_rate, epoch, ...) to a JSONL file."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, int | float)}}
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return control
