@@ -61,7 +61,7 @@ REAL_MODELS = {name for name, setup in SETUPS.items() if "fetch" in setup}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from utils.utils import ScriptParser
+    from utils.cli import ScriptParser
 
     parser = ScriptParser(__doc__)
     parser.add_argument("--model", default="smollm2", choices=sorted(SETUPS),

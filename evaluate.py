@@ -38,17 +38,9 @@ from evals.atec import (
 from evals.generation import BACKENDS, generate
 from evals.prompts import build_prompts
 from evals.sampling import GenerationConfig
-from utils.utils import (
-    ScriptParser,
-    UserError,
-    bool_arg,
-    check_model_folder,
-    check_output_free,
-    run_cli,
-    setup_logging,
-    write_json,
-    write_jsonl,
-)
+from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging
+from utils.errors import UserError
+from utils.files import check_model_folder, check_output_free, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 

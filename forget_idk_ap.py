@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainer.recipe import main_for
-from utils.utils import run_cli
+from utils.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> Path:

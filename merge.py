@@ -18,18 +18,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.utils import (
-    ScriptParser,
-    UserError,
-    atomic_path,
-    bool_arg,
-    check_adapter_folder,
-    check_model_folder,
-    check_output_free,
-    load_chat_template,
-    run_cli,
-    setup_logging,
-)
+from utils.chat_template import load_chat_template
+from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging
+from utils.errors import UserError
+from utils.files import atomic_path, check_adapter_folder, check_model_folder, check_output_free
 
 logger = logging.getLogger("merge")
 

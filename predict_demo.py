@@ -18,17 +18,10 @@ from pathlib import Path
 
 from dataset.data_module import load_qa_jsonl
 from evals.predict import add_generation_args, predict_answers, prompt_format
-from utils.utils import (
-    ScriptParser,
-    UserError,
-    bool_arg,
-    check_model_folder,
-    check_output_free,
-    load_chat_template,
-    run_cli,
-    setup_logging,
-    write_jsonl,
-)
+from utils.chat_template import load_chat_template
+from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging
+from utils.errors import UserError
+from utils.files import check_model_folder, check_output_free, write_jsonl
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -125,8 +125,8 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     from evals.mia import MiaOptions
     from evals.unlearning import grad_norms, token_stats
+    from utils.chat_template import load_chat_template
     from utils.loading import load_model, load_tokenizer
-    from utils.utils import load_chat_template
 
     template = load_chat_template(args.model_family)
     tokenizer = load_tokenizer(args.model_path)

@@ -48,8 +48,8 @@ def main() -> None:
 
     from evals.generation import generate, generate_with_model
     from evals.sampling import GenerationConfig
+    from utils.chat_template import load_chat_template
     from utils.loading import load_for_eval
-    from utils.utils import load_chat_template
 
     template = load_chat_template(args.model_family)
     prompts = [template.prompt(q) for q in questions(args.items)]

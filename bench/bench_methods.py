@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_target(kind: str, work: Path) -> dict:
     """The memorised model and its forget/retain/refusal files (cached in ``work``)."""
-    from utils.utils import write_jsonl
+    from utils.files import write_jsonl
     from zoo.demo_data import SHORT_REFUSALS, definition_items, pairs_of, privacy_items
 
     if kind == "tiny":
@@ -74,8 +74,8 @@ def mean_nll(model_dir: Path, final: Path | None, family: str, pairs: list[tuple
     """Mean answer-token NLL of ``pairs`` under the model, plus a run's output: a LoRA adapter or, from
     ``--lora_r 0``, a whole model."""
     from evals.tofu import answer_losses
+    from utils.chat_template import load_chat_template
     from utils.loading import load_for_eval
-    from utils.utils import load_chat_template
 
     lora = final is not None and (final / "adapter_config.json").is_file()
     model, tokenizer = load_for_eval(model_dir, final) if lora else load_for_eval(final or model_dir)
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
 
     import torch
 
-    from utils.utils import setup_logging
+    from utils.cli import setup_logging
 
     args = parse_args(argv)
     setup_logging()

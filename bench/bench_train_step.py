@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     """Write the forget/retain/refusal files and (unless given) the random model; returns their paths."""
-    from utils.utils import write_jsonl
+    from utils.files import write_jsonl
     from zoo.demo_data import REFUSALS
 
     use_tofu = args.data == "tofu" or (args.data == "auto" and TOFU.is_dir())

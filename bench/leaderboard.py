@@ -49,8 +49,9 @@ def build_data(work: Path, base: Path) -> dict:
     """Forget / retain / holdout facts, general questions with the untouched model's answers, refusals."""
     from evals.generation import generate_with_model
     from evals.sampling import GenerationConfig
+    from utils.chat_template import load_chat_template
+    from utils.files import write_jsonl
     from utils.loading import load_for_eval
-    from utils.utils import load_chat_template, write_jsonl
     from zoo.demo_data import GENERAL, REFUSALS, pairs_of, privacy_items
 
     facts = privacy_items(36, seed=11)
@@ -91,8 +92,9 @@ def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[
     from evals.generation import generate_with_model
     from evals.sampling import GenerationConfig
     from evals.unlearning import adapter_off_reference, evaluate_sets, summarise
+    from utils.chat_template import load_chat_template
+    from utils.files import write_json
     from utils.loading import load_for_eval
-    from utils.utils import load_chat_template, write_json
 
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
@@ -205,7 +207,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> str:
     import torch
 
-    from utils.utils import setup_logging
+    from utils.cli import setup_logging
     from zoo.demo_data import REFUSALS
     from zoo.wheel_models import is_complete
 

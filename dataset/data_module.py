@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from utils.utils import ChatTemplate, UserError
+from utils.chat_template import ChatTemplate
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

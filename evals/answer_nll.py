@@ -19,10 +19,10 @@ __all__ = ["prompt_shared_nll", "qa_batches"]
 def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: int, shard: Shard = SINGLE):
     """(question, answer) pairs as training formats them (question masked), collated in batches on the
     model's device; yields ``(item indices, batch)``, only the batches this process of ``shard`` owns. A
-    question that leaves no room for its answer is a :class:`~utils.utils.UserError`."""
+    question that leaves no room for its answer is a :class:`~utils.errors.UserError`."""
     from dataset.data_module import ForgetRetainCollator, encode_qa
+    from utils.errors import UserError
     from utils.loading import pad_id_of
-    from utils.utils import UserError
 
     samples = []
     for q, a in pairs:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from evals.prompts import encode_prompts
 from evals.sampling import GenerationConfig, sampling_settings
 from evals.shard import SINGLE, Shard
+from utils.errors import UserError
 from utils.loading import load_for_eval, pad_id_of
-from utils.utils import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from dataset.data_module import QAItem
 from evals.generation import BACKENDS, generate
 from evals.prompts import build_prompts
 from evals.sampling import GenerationConfig
-from utils.utils import bool_arg, family_names, load_chat_template, str2bool
+from utils.chat_template import load_chat_template
+from utils.cli import bool_arg, family_names, str2bool
 
 __all__ = ["PROMPT_FORMATS", "add_generation_args", "generation_config", "predict_answers", "prompt_format"]
 

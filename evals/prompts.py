@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from utils.utils import ChatTemplate, UserError
+from utils.chat_template import ChatTemplate
+from utils.errors import UserError
 
 __all__ = ["build_prompts", "encode_prompts"]
 

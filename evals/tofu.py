@@ -38,7 +38,8 @@ import numpy as np
 
 from dataset.data_module import iter_jsonl
 from evals.shard import SINGLE, Shard
-from utils.utils import ChatTemplate, UserError
+from utils.chat_template import ChatTemplate
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

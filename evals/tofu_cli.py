@@ -10,7 +10,8 @@ from pathlib import Path
 
 from evals.shard import SINGLE, Shard
 from evals.tofu import EVAL_TASKS, GENERATION_BATCH_SIZE, aggregate, evaluate_all
-from utils.utils import UserError, write_json
+from utils.errors import UserError
+from utils.files import write_json
 
 SET_FLAGS = {  # log key -> command-line flag
     "eval_log.json": "retain_path",

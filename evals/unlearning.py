@@ -33,7 +33,8 @@ from evals.mia import (
     zlib_score,
 )
 from evals.shard import SINGLE, Shard
-from utils.utils import ChatTemplate, UserError
+from utils.chat_template import ChatTemplate
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

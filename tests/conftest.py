@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from utils.utils import load_chat_template  # noqa: E402
+from utils.chat_template import load_chat_template  # noqa: E402
 from zoo.demo_data import SHORT_REFUSALS  # noqa: E402
 from zoo.tiny import save_tiny_model  # noqa: E402
 
@@ -66,7 +66,7 @@ REFUSALS = list(SHORT_REFUSALS)
 @pytest.fixture(scope="session")
 def target(tmp_path_factory) -> dict:
     """A tiny model that has memorised 16 private facts (forget) and 16 definitions (retain), with its files."""
-    from utils.utils import write_jsonl
+    from utils.files import write_jsonl
     from zoo.demo_data import definition_items, pairs_of, privacy_items
     from zoo.tiny import build_target_model
 
@@ -117,7 +117,7 @@ def launch_two_processes(script: str, argv: list[str]):
 
 def run_script(module, argv: list[str], capsys) -> tuple[int, str]:
     """Run a script's CLI entry (``run_cli(main)``) in-process: (exit code, stderr)."""
-    from utils.utils import run_cli
+    from utils.cli import run_cli
 
     try:
         run_cli(module.main, argv)

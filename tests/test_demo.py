@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import demo
-from utils.utils import write_jsonl
+from utils.files import write_jsonl
 from zoo.demo_data import choice_items, definition_items, privacy_items, qa_items
 
 

@@ -117,3 +117,15 @@ def test_every_command_example_parses(doc, script, args, elided, configs):
         parser.parse_args(args)
     except SystemExit as exit_:
         pytest.fail(f"{doc}: `{script}.py {' '.join(args)}` does not parse (exit {exit_.code})")
+
+
+def test_every_file_and_test_the_docs_name_exists():
+    """A test or a test file named anywhere in the docs (``tests/x.py::test_y``) exists: moving or renaming one
+    cannot leave a dead reference."""
+    texts = [path.read_text(encoding="utf-8") for path in [*DOCS, ROOT / "bench" / "README.md"]]
+    named = {m for text in texts for m in re.findall(r"(tests/[a-z_/]+\.py)(?:::(test_[a-z_0-9]+))?", text)}
+    assert len(named) >= 20
+    for path, name in named:
+        assert (ROOT / path).is_file(), path
+        if name:
+            assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{path}::{name}"

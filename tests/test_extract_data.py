@@ -7,7 +7,7 @@ from pathlib import Path
 
 import extract_data
 from tests.conftest import run_script
-from utils.utils import write_jsonl
+from utils.files import write_jsonl
 
 
 def conv(q: str, a: str, key: str) -> dict:

@@ -76,7 +76,7 @@ def violations(sources: dict[str, str]) -> list[str]:
 
 def test_the_source_tree_keeps_its_floors():
     sources = project_sources()
-    expected = {"utils.utils", "dataset.data_module", "ops.head", "evals.atec", "trainer.losses", "forget_me_gd"}
+    expected = {"utils.files", "dataset.data_module", "ops.head", "evals.atec", "trainer.losses", "forget_me_gd"}
     assert expected <= set(sources)
     assert violations(sources) == []
 
@@ -92,15 +92,15 @@ def test_utils_imports_nothing_of_the_project():
 def test_the_checker_sees_upward_imports_script_imports_and_circles():
     """The rules fire on planted breaks, lazy imports inside functions included."""
     planted = {
-        "utils": "", "utils.utils": "def f():\n    from dataset.data_module import x\n",
-        "dataset": "", "dataset.data_module": "import utils.utils\n",
+        "utils": "", "utils.files": "def f():\n    from dataset.data_module import x\n",
+        "dataset": "", "dataset.data_module": "import utils.files\n",
         "evals": "", "evals.atec": "from evals import tofu\n", "evals.tofu": "import evals.atec\n",
         "trainer": "", "trainer.recipe": "from zoo.tiny import build\n", "zoo": "", "zoo.tiny": "",
         "predict_demo": "", "extract_data": "from predict_demo import predict_answers\n",
     }
     found = violations(planted)
-    assert "utils.utils (floor 0) imports dataset.data_module (floor 1)" in found
+    assert "utils.files (floor 0) imports dataset.data_module (floor 1)" in found
     assert "trainer.recipe (floor 4) imports zoo.tiny (floor 4)" in found
     assert "extract_data imports the script predict_demo" in found
     assert any(p.startswith("import circle:") and "evals.atec" in p and "evals.tofu" in p for p in found)
-    assert any(p.startswith("import circle:") and "utils.utils" in p and "dataset.data_module" in p for p in found)
+    assert any(p.startswith("import circle:") and "utils.files" in p and "dataset.data_module" in p for p in found)

@@ -125,7 +125,7 @@ def test_merge_checks_on_the_adapters_own_forget_items(trained_adapter):
     """The probes are the adapter's first forget items as training formatted them (from its run_args.json), not
     one English sentence; without a run record, the sentence."""
     from dataset.data_module import load_qa_jsonl
-    from utils.utils import load_chat_template
+    from utils.chat_template import load_chat_template
 
     record = merge.run_record(trained_adapter)
     probes = merge.probe_texts(trained_adapter, record)

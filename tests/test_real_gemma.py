@@ -19,8 +19,9 @@ from evals.prompts import build_prompts, encode_prompts
 from evals.sampling import GenerationConfig
 from tests.conftest import answer_nll as shared_answer_nll
 from trainer.losses import nll_loss
+from utils.chat_template import load_chat_template
+from utils.files import write_jsonl
 from utils.loading import load_model, load_tokenizer
-from utils.utils import load_chat_template, write_jsonl
 from zoo.demo_data import conversation, pairs_of, privacy_items
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

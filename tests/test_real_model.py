@@ -16,7 +16,8 @@ from evals.atec import mean_rouge_l, refusal_rate
 from evals.generation import generate_with_model
 from evals.sampling import GenerationConfig
 from tests.conftest import answer_nll as shared_answer_nll
-from utils.utils import load_chat_template, write_jsonl
+from utils.chat_template import load_chat_template
+from utils.files import write_jsonl
 from zoo.demo_data import GENERAL, REFUSALS, REPLAY, conversation, pairs_of, privacy_items
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]

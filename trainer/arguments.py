@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from evals.tofu_cli import add_tofu_set_args
-from utils.utils import add_model_args, bool_arg
+from utils.cli import add_model_args, bool_arg
 
 
 def add_unlearn_args(

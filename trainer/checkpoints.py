@@ -32,7 +32,7 @@ def commit_on_every_machine(run_dir: Path, step_name: str, epoch: int, keep: int
 def commit_checkpoint(run_dir: Path, step_name: str, epoch: int, keep: int | None) -> Path:
     """Rename ``run_dir/step_name`` to ``checkpoint-epoch-<epoch>`` (replacing one of that name in one step), then
     delete the oldest ``checkpoint-epoch-*`` folders beyond the newest ``keep`` (``None`` or 0: keep all)."""
-    from utils.utils import replace_folder
+    from utils.files import replace_folder
 
     epoch_dir = run_dir / f"checkpoint-epoch-{epoch}"
     replace_folder(run_dir / step_name, epoch_dir)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from trainer.losses import LossParams, needs_reference
-from utils.utils import UserError
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import logging
 
 from trainer.launch import deepspeed_zero_stage
 from trainer.losses import needs_hidden
-from utils.utils import family_names, missing_tag_tokens, seed_everything
+from utils.chat_template import missing_tag_tokens
+from utils.cli import family_names, seed_everything
 
 logger = logging.getLogger(__name__)
 

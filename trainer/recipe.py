@@ -21,14 +21,9 @@ from trainer.launch import (
 from trainer.losses import LOSSES, needs_hidden, needs_idk, needs_reference
 from trainer.model_setup import build_model, load_tokenizer, num_layers
 from trainer.saving import FINAL_DIR, FULL_DIR, save_final
-from utils.utils import (
-    PROJECT_ROOT,
-    UserError,
-    check_model_folder,
-    load_chat_template,
-    write_json,
-    write_jsonl,
-)
+from utils.chat_template import PROJECT_ROOT, load_chat_template
+from utils.errors import UserError
+from utils.files import check_model_folder, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +251,7 @@ def evaluate_on_tofu(args: argparse.Namespace, trainer, tokenizer, template, out
 def build_parser(method: str, description: str) -> argparse.ArgumentParser:
     """The argument parser of a forget script, with that script's defaults (``SCRIPT_DEFAULTS[method]``)."""
     from trainer.arguments import add_unlearn_args
-    from utils.utils import ScriptParser
+    from utils.cli import ScriptParser
 
     parser = ScriptParser(description)
     add_unlearn_args(parser, loss_choices=sorted(LOSSES), **SCRIPT_DEFAULTS[method])
@@ -265,7 +260,7 @@ def build_parser(method: str, description: str) -> argparse.ArgumentParser:
 
 def main_for(method: str, argv: list[str] | None, description: str) -> Path:
     """Parse a forget script's arguments (defaults by ``method``) and train."""
-    from utils.utils import setup_logging
+    from utils.cli import setup_logging
 
     args = build_parser(method, description).parse_args(argv)
     if not Path(args.idk_data_path).is_absolute() and not Path(args.idk_data_path).exists():

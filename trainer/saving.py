@@ -13,11 +13,11 @@ FULL_DIR = "final_model"  # --lora_r 0: the whole model, nothing to merge
 
 def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
     """Save adapter (or whole model) + tokenizer to a temporary folder, then swap it in as ``name``
-    (:func:`utils.utils.replace_folder`: a kill leaves the previous final folder or the new one, never neither).
+    (:func:`utils.files.replace_folder`: a kill leaves the previous final folder or the new one, never neither).
     An adapter saved without weights (ZeRO-3 that did not gather them) is an error, not a finished folder."""
     import shutil
 
-    from utils.utils import recover_folder, replace_folder
+    from utils.files import recover_folder, replace_folder
 
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     if trainer.is_world_process_zero():

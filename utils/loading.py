@@ -26,7 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from utils.utils import ChatTemplate, UserError, check_adapter_folder, check_model_folder
+from utils.chat_template import ChatTemplate
+from utils.errors import UserError
+from utils.files import check_adapter_folder, check_model_folder
 
 logger = logging.getLogger(__name__)
 

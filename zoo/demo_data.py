@@ -225,7 +225,7 @@ def general_items() -> list[dict]:
 def write_demo_files(root: str | Path, n_privacy: int = 96, seed: int = 0) -> dict[str, Path]:
     """Write the demo files under ``root`` (the repository's ``data/``): train/valid sets, the default
     forget/retain files of the training scripts, and the refusal file for IDK."""
-    from utils.utils import write_jsonl
+    from utils.files import write_jsonl
 
     root = Path(root)
     sets = demo_sets(n_privacy, seed)
@@ -248,7 +248,7 @@ def write_demo_files(root: str | Path, n_privacy: int = 96, seed: int = 0) -> di
 def write_real_demo_files(root: str | Path, n_privacy: int = REAL_PRIVACY, seed: int = 0) -> dict[str, Path]:
     """The real-model demo's files: a smaller set (the target stage fine-tunes a 135M model on 2 cores),
     the general-knowledge probe, and English refusals (SmolLM2 is an English model)."""
-    from utils.utils import write_jsonl
+    from utils.files import write_jsonl
 
     root = Path(root)
     train = privacy_items(n_privacy, seed) + definition_items() + choice_items() + qa_items()
@@ -264,7 +264,7 @@ def write_real_demo_files(root: str | Path, n_privacy: int = REAL_PRIVACY, seed:
 
 if __name__ == "__main__":
     # python -m zoo.demo_data  -> rewrites the committed files under data/
-    from utils.utils import PROJECT_ROOT
+    from utils.chat_template import PROJECT_ROOT
 
     for name, path in write_demo_files(PROJECT_ROOT / "data").items():
         print(f"{name}: {path}")  # noqa: T201 - run as a script

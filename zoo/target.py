@@ -15,7 +15,10 @@ import logging
 import os
 from pathlib import Path
 
-from utils.utils import UserError, atomic_path, check_model_folder, load_chat_template, seed_everything
+from utils.chat_template import load_chat_template
+from utils.cli import seed_everything
+from utils.errors import UserError
+from utils.files import atomic_path, check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def build_memorised_model(base: str | os.PathLike, out: str | os.PathLike, pairs
 
 def main(argv: list[str] | None = None) -> Path:
     from dataset.data_module import load_qa_jsonl
-    from utils.utils import setup_logging
+    from utils.cli import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,6 +85,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    from utils.utils import run_cli
+    from utils.cli import run_cli
 
     run_cli(main)

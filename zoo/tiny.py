@@ -172,7 +172,8 @@ def build_target_model(
     the pairs formatted with ``family``'s chat tags. Deterministic for a given seed. ``bos_token``: a tokenizer
     that adds it (see :func:`build_tokenizer`); ``repetition_penalty``: written to the model's generation_config.
     """
-    from utils.utils import load_chat_template, seed_everything
+    from utils.chat_template import load_chat_template
+    from utils.cli import seed_everything
 
     seed_everything(seed)
     template = load_chat_template(family)
@@ -195,7 +196,7 @@ if __name__ == "__main__":
     import argparse
 
     from dataset.data_module import load_qa_jsonl
-    from utils.utils import run_cli, setup_logging
+    from utils.cli import run_cli, setup_logging
 
     def _main(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser(description="build a tiny model that has memorised a QA file")

@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.utils import UserError
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from dataset.data_module import (
     load_qa_jsonl,
     paired_indices,
 )
-from utils.utils import ChatTemplate, UserError
+from utils.chat_template import ChatTemplate
+from utils.errors import UserError
 
 
 def conv(q: str, a: str, key: str = "privacy_1") -> str:

@@ -16,7 +16,8 @@ from dataset.data_module import encode_qa
 from evals.generation import generate_with_model
 from evals.prompts import build_prompts, encode_prompts
 from evals.sampling import GenerationConfig, sampling_settings
-from utils.utils import load_chat_template, write_jsonl
+from utils.chat_template import load_chat_template
+from utils.files import write_jsonl
 from zoo.demo_data import pairs_of, privacy_items
 
 ROOT = Path(__file__).resolve().parents[2]

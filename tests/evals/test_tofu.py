@@ -224,7 +224,7 @@ def test_generation_budgets_follow_tofu_batches_of_30(tiny_model, tokenizer, tem
 ])
 def test_tofu_set_errors_name_file_line_and_field(tmp_path, row, message):
     from evals.tofu import load_tofu_set
-    from utils.utils import UserError
+    from utils.errors import UserError
 
     good = {"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
     path = tmp_path / "set.json"
@@ -237,7 +237,7 @@ def test_tofu_set_errors_name_file_line_and_field(tmp_path, row, message):
 
 def test_tofu_set_without_items_is_an_error(tmp_path):
     from evals.tofu import load_tofu_set
-    from utils.utils import UserError
+    from utils.errors import UserError
 
     path = tmp_path / "empty.json"
     path.write_text("[]\n")
@@ -292,7 +292,7 @@ def test_aggregation_by_hand():
     assert set(without) == set(stats) and all(without[k] is None for k in ("Forget Quality", "KS Test PVal Forget",
                                                                             "KS Test Forget"))
     assert without["Model Utility"] == pytest.approx(9 / 23, rel=1e-12)
-    from utils.utils import UserError
+    from utils.errors import UserError
 
     with pytest.raises(UserError, match="^the log has no 'eval_log_forget.json' section$"):
         aggregate({k: v for k, v in HAND_LOGS.items() if k != "eval_log_forget.json"})
@@ -421,7 +421,7 @@ def test_tofu_set_shapes_and_long_questions(tmp_path, bigram_model, tokenizer, t
     """A one-line JSON-lines file is one item (not an array); a bad item of a JSON array is reported at line 1
     (the array's line); a question longer than the limit is one clear error naming it."""
     from evals.tofu import load_tofu_set
-    from utils.utils import UserError
+    from utils.errors import UserError
 
     good = {"question": "q", "answer": "a", "paraphrased_answer": "b", "perturbed_answer": ["c"]}
     one = tmp_path / "one.jsonl"

@@ -15,7 +15,8 @@ import evaluate_unlearning
 from evals.mia import MiaOptions
 from evals.unlearning import grad_norms, summarise, token_stats
 from tests.conftest import run_script
-from utils.utils import load_chat_template, write_jsonl
+from utils.chat_template import load_chat_template
+from utils.files import write_jsonl
 from zoo.demo_data import privacy_items
 
 

@@ -76,7 +76,7 @@ def build(kind: str, folder: Path, texts: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    from utils.utils import write_jsonl
+    from utils.files import write_jsonl
     from zoo.demo_data import REFUSALS, definition_items, privacy_items
 
     root = tmp_path_factory.mktemp("gpu_check")

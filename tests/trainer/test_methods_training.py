@@ -19,8 +19,8 @@ from trainer import recipe
 def answer_nll(model_dir: Path, run_final: Path | None, pairs) -> float:
     """Mean answer-token NLL (question masked) of ``pairs`` under the target model (+ adapter or full model)."""
     from evals.tofu import answer_losses
+    from utils.chat_template import load_chat_template
     from utils.loading import load_for_eval
-    from utils.utils import load_chat_template
 
     lora = run_final is not None and (run_final / "adapter_config.json").is_file()
     model, tokenizer = load_for_eval(model_dir, run_final) if lora else load_for_eval(run_final or model_dir)

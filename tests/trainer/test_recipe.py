@@ -18,7 +18,7 @@ import forget_me_gd
 from dataset.data_module import ForgetRetainCollator, encode_qa
 from tests.conftest import REFUSALS, base_args, launch_two_processes
 from trainer.losses import nll_loss
-from utils.utils import load_chat_template
+from utils.chat_template import load_chat_template
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,6 +8,8 @@ import json
 import pytest
 import torch
 
+from utils.chat_template import load_chat_template
+from utils.errors import UserError
 from utils.loading import (
     FIT_SHARE,
     load_model,
@@ -17,7 +19,6 @@ from utils.loading import (
     weight_bytes,
     weights_dtype,
 )
-from utils.utils import UserError, load_chat_template
 
 GIB = 2**30
 
@@ -71,12 +72,12 @@ def test_pickled_weights_are_refused(target, tmp_path):
 def remote_family(monkeypatch):
     """A family whose config says trust_remote_code: true (the tiny model's tags; the model has no code of its
     own, so trusting it is harmless here) and a record of every trust_remote_code the loader is given."""
+    import utils.chat_template
     import utils.loading
-    import utils.utils
 
-    families = utils.utils.load_model_families()
+    families = utils.chat_template.load_model_families()
     remote = dataclasses.replace(families["tiny"], family="remote", aliases=(), trust_remote_code=True)
-    monkeypatch.setattr(utils.utils, "load_model_families", lambda path=None: {**families, "remote": remote})
+    monkeypatch.setattr(utils.chat_template, "load_model_families", lambda path=None: {**families, "remote": remote})
     seen: list[bool] = []
     real = utils.loading.load_model
 

@@ -1,0 +1,50 @@
+"""The scripts' parser and flags: one-line errors, help without None defaults, booleans."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from utils.cli import bool_arg, str2bool
+
+
+@pytest.mark.parametrize(("text", "value"), [("false", False), ("False", False), ("0", False), ("true", True),
+                                             ("YES", True)])
+def test_str2bool(text, value):
+    assert str2bool(text) is value
+
+
+def test_bool_flag_parses_false_as_false():
+    parser = argparse.ArgumentParser()
+    bool_arg(parser.add_argument_group("g"), "--mask", False, "mask questions")
+    assert parser.parse_args(["--mask", "false"]).mask is False
+    assert parser.parse_args(["--mask", "true"]).mask is True
+    assert parser.parse_args(["--mask"]).mask is True
+    assert parser.parse_args([]).mask is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mask", "maybe"])
+
+
+def test_script_parser_errors_in_one_line_and_help_without_none_defaults(capsys):
+    """An argument error is one line (exit 2, no usage block); --help shows no '(default: None)' for required
+    or unset options and keeps a docstring command's line breaks in the epilog."""
+    from utils.cli import ScriptParser, bool_arg
+
+    doc = """Do a thing.
+
+    python thing.py --a 1 \\
+        --b 2
+    """
+    parser = ScriptParser(doc, prog="thing.py")
+    parser.add_argument("--a", required=True, help="needed")
+    parser.add_argument("--b", default=None, help="optional")
+    parser.add_argument("--c", type=int, default=3, help="has one")
+    bool_arg(parser, "--flag", False, "a switch")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--a", "1", "--c", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "usage" not in err and "--c" in err
+    text = parser.format_help()
+    assert "(default: None)" not in text and "(default: 3)" in text and "yes/no" in text
+    assert "python thing.py --a 1 \\\n        --b 2" in text

@@ -1,0 +1,138 @@
+"""The scripts' process: their parser (an error is one line, exit 2), the option groups they share, logging
+configured once, seeding."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from utils.chat_template import MODEL_CONFIG_PATH, load_model_families
+from utils.errors import UserError
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a script's ``main``: a :class:`UserError` becomes one clear line and exit code 2; Ctrl-C one line
+    (the exception's message, e.g. how to resume, when it carries one) and exit code 130, never a traceback."""
+    try:
+        main(argv)
+    except UserError as err:
+        # under accelerate launch / torchrun every process meets the same mistake: one line per machine
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
+        sys.exit(2)
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)  # noqa: T201
+        sys.exit(130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` only where there is a default to show (not for required or unset options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is argparse.SUPPRESS \
+                or "%(default)" in (action.help or "") or isinstance(action, argparse._HelpAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """The scripts' parser: an error is one line naming the mistake (``--help`` shows the usage), exit code 2;
+    the description is the first line of ``doc`` and the rest of it (the command examples) the epilog."""
+
+    def __init__(self, doc: str | None = None, **kwargs: Any) -> None:
+        # a docstring's "\<newline>" continuations vanish (not a raw string), leaving a run of spaces before the
+        # next option of a command example: put the line break back
+        doc = re.sub(r"(?<=\S) {3,}(?=--)", " \\\n        ", doc or "")
+        lines = doc.strip("\n").splitlines()
+        kwargs.setdefault("description", lines[0] if lines else None)
+        if len(lines) > 1:
+            kwargs.setdefault("epilog", "\n".join(lines[1:]).strip("\n"))
+        kwargs.setdefault("formatter_class", _RawEpilogFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _RawEpilogFormatter(HelpFormatter):
+    """Keep the epilog's line breaks (command examples); options are wrapped as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Configure logging once, for scripts. Non-main processes of a distributed run log warnings only."""
+    rank = int(os.environ.get("RANK", "0"))
+    root = logging.getLogger()
+    if not root.handlers:  # keep handlers someone else installed (a host application, pytest)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root.setLevel(level if rank == 0 else logging.WARNING)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse ``true/false/yes/no/1/0`` (any case) for flags such as ``--mask false``."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in {"true", "t", "yes", "y", "1", "on"}:
+        return True
+    if lowered in {"false", "f", "no", "n", "0", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def add_model_args(parser: argparse.ArgumentParser, model_path: str | None = None, family: str = "qwen2.5-8b") -> None:
+    """Arguments that choose and load the model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_path", default=model_path, required=model_path is None,
+                       help="local folder of a causal LM (transformers format)")
+    group.add_argument("--model_family", "--model_type", dest="model_family", default=family,
+                       help=f"chat-tag family from config/model_config.yaml, a name or alias: {family_names()}")
+    group.add_argument("--model_config", default=str(MODEL_CONFIG_PATH), help="the model-family YAML file")
+    group.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
+                       help="allow a model folder's own Python code to run (off by default)")
+
+
+def add_evaluated_model_args(parser: argparse.ArgumentParser, family: str | None = None, required: bool = True,
+                             adapter_help: str = "a PEFT adapter on top of --model_path") -> None:
+    """The model an evaluation command scores, in the one vocabulary of every evaluation command: ``--model_path``,
+    ``--adapter``, ``--model_family`` (alias ``--model_type``), ``--dtype``, ``--trust_remote_code``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_path", required=required, help="model folder (base, target or merged)")
+    group.add_argument("--adapter", help=adapter_help)
+    group.add_argument("--model_family", "--model_type", dest="model_family", default=family, required=family is None,
+                       help=f"chat-tag family from config/model_config.yaml, a name or alias: {family_names()}")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="model dtype")
+    bool_arg(group, "--trust_remote_code", False, "allow the model folder's own Python code to run")
+
+
+def bool_arg(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:  # noqa: A002
+    """Add ``--name [true|false]``: a bare ``--name`` means true, ``--name false`` means false (also yes/no, 1/0)."""
+    group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="{true,false}",
+                       help=f"{help} (true/false, yes/no or 1/0; bare {name} = true)")
+
+
+def family_names(path: str | os.PathLike = MODEL_CONFIG_PATH) -> str:
+    """The model families of the config with their aliases, for --help (``qwen2.5-8b (qwen2_5), ...``)."""
+    try:
+        families = load_model_families(path)
+    except UserError:
+        return "see config/model_config.yaml"
+    return ", ".join(f"{name} ({', '.join(t.aliases)})" if t.aliases else name for name, t in families.items())
