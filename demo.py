@@ -206,7 +206,7 @@ def build_target(args: argparse.Namespace, out: Path, stages: Stages) -> Path:
 
 def add_replay_to_retain(args: argparse.Namespace, retain: Path, cache: Path) -> int:
     """Append the target's own answers to the replay questions to the retain file (what it must keep)."""
-    from dataset.data_module import load_predictions, load_qa_jsonl
+    from dataset.reading import load_predictions, load_qa_jsonl
     from zoo.demo_data import conversation
 
     questions = [it.question for it in load_qa_jsonl(SETUPS[args.model]["data"] / "replay.jsonl")]
@@ -221,7 +221,7 @@ def add_replay_to_retain(args: argparse.Namespace, retain: Path, cache: Path) ->
 def extra_metrics(args: argparse.Namespace, results: Path, cache: Path, name: str) -> dict:
     """General knowledge (ROUGE-L of the probe's answers against the target's and the untouched model's) and
     refusal rates on forget questions and on the rest."""
-    from dataset.data_module import load_lines, load_predictions, load_qa_jsonl
+    from dataset.reading import load_lines, load_predictions, load_qa_jsonl
     from evals.atec import mean_rouge_l, refusal_rate
 
     items = load_qa_jsonl(args.valid_data)

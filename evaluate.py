@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from dataset.data_module import load_predictions, load_qa_jsonl
+from dataset.reading import load_predictions, load_qa_jsonl
 from evals.atec import (
     ANSWER_MARKER,
     DEFAULT_JUDGE_PROMPT,

@@ -57,7 +57,7 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]
     """Every input file, checked before a model loads."""
     import json
 
-    from dataset.data_module import load_lines, load_qa_jsonl
+    from dataset.reading import load_lines, load_qa_jsonl
 
     sets = {name: [(it.question, it.answer) for it in load_qa_jsonl(path)]
             for name in ("forget", "retain", "holdout", "general") if (path := getattr(args, name))}

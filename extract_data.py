@@ -20,7 +20,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from dataset.data_module import load_predictions, load_qa_jsonl
+from dataset.reading import load_predictions, load_qa_jsonl
 from evals.atec import atec_rouge_l_or_none
 from evals.predict import add_generation_args, predict_answers
 from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging

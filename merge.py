@@ -126,7 +126,7 @@ def run_record(adapter: Path) -> dict:
 def probe_texts(adapter: Path, record: dict) -> list[str]:
     """The checks' probes: the adapter's first forget items as training formatted them (question + answer with
     its family's tags), or :data:`PROBE` when the run record or its files are not found here."""
-    from dataset.data_module import load_qa_jsonl
+    from dataset.reading import load_qa_jsonl
 
     try:
         template = load_chat_template(record["model_family"])

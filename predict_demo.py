@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset.data_module import load_qa_jsonl
+from dataset.reading import load_qa_jsonl
 from evals.predict import add_generation_args, predict_answers, prompt_format
 from utils.chat_template import load_chat_template
 from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging

@@ -26,7 +26,7 @@ def questions(items: int) -> list[str]:
     if (TOFU / "forget10.json").is_file():
         rows = [json.loads(x) for x in (TOFU / "forget10.json").read_text().splitlines() if x.strip()]
         return [r["question"] for r in rows[:items]]
-    from dataset.data_module import load_qa_jsonl
+    from dataset.reading import load_qa_jsonl
 
     return [it.question for it in load_qa_jsonl(ROOT / "data/forget/forget.jsonl")][:items]
 

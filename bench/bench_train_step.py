@@ -94,7 +94,7 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     if model_path is None and args.preset:
         model_path = build_preset(args.preset, workdir)
     if model_path is None:
-        from dataset.data_module import load_qa_jsonl
+        from dataset.reading import load_qa_jsonl
         from zoo.tiny import build_model, build_tokenizer
 
         texts = [f"{i.question} {i.answer}" for p in ("forget", "retain")
@@ -114,7 +114,7 @@ def build_preset(preset: str, workdir: Path) -> str:
     """A randomly initialised model with Qwen2.5-0.5B's shape (0.49B parameters) and a local tokenizer."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dataset.data_module import load_qa_jsonl
+    from dataset.reading import load_qa_jsonl
     from zoo.tiny import build_tokenizer
 
     texts = [f"{i.question} {i.answer}" for p in ("forget", "retain") for i in load_qa_jsonl(workdir / f"{p}.jsonl")]

@@ -1,231 +1,25 @@
-"""Reading QA files, formatting them with chat tags, tokenising with label masks, pairing and collating.
+"""Pairing forget items with retain (and refusal) items into a dataset, and collating batches of named parts.
 
-A *sample* is ``{"input_ids": list[int], "labels": list[int]}``; a dataset item is a dict of named
-samples (``{"forget": ..., "retain": ...}``); the collator turns a list of items into a dict of padded
-tensors per part (``batch["forget"]["input_ids"]`` of shape ``(B, T)``).
+A dataset item is a dict of named samples (``{"forget": ..., "retain": ...}``); the collator turns a list of items
+into a dict of padded tensors per part (``batch["forget"]["input_ids"]`` of shape ``(B, T)``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from dataset.encoding import IGNORE_INDEX, encode_qa, pad_like_original
+from dataset.reading import QAItem
 from utils.chat_template import ChatTemplate
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
-__all__ = [
-    "IGNORE_INDEX",
-    "QAItem",
-    "load_qa_jsonl",
-    "load_lines",
-    "load_predictions",
-    "encode_qa",
-    "paired_indices",
-    "ForgetRetainDataset",
-    "ForgetRetainCollator",
-]
-
-
-@dataclass(frozen=True)
-class QAItem:
-    """One question/answer pair and where it came from."""
-
-    question: str
-    answer: str
-    name_key: str = ""
-    line: int = 0
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _fail(path: str | os.PathLike, line: int, message: str) -> UserError:
-    return UserError(f"{path}, line {line}: {message}")
-
-
-def _parse_item(obj: object, path: str | os.PathLike, line: int) -> QAItem:
-    """Accept the conversation format or the TOFU ``question``/``answer`` format."""
-    if not isinstance(obj, dict):
-        raise _fail(path, line, f"expected a JSON object, got {type(obj).__name__}")
-    if "conversations" in obj:
-        turns = obj["conversations"]
-        if not isinstance(turns, list) or len(turns) < 2:
-            raise _fail(path, line, "field 'conversations' must be a list of at least two turns (human, gpt)")
-        for i, turn in enumerate(turns[:2]):
-            if not isinstance(turn, dict) or "value" not in turn:
-                raise _fail(path, line, f"field 'conversations[{i}]' must be an object with a 'value'")
-            if not isinstance(turn["value"], str):
-                raise _fail(path, line, f"field 'conversations[{i}].value' must be a string")
-        name_key = obj.get("name_key", "")
-        if not isinstance(name_key, str):
-            raise _fail(path, line, "field 'name_key' must be a string")
-        return QAItem(turns[0]["value"], turns[1]["value"], name_key, line)
-    if "question" in obj or "answer" in obj:
-        for key in ("question", "answer"):
-            if key not in obj:
-                raise _fail(path, line, f"missing field '{key}'")
-            if not isinstance(obj[key], str):
-                raise _fail(path, line, f"field '{key}' must be a string")
-        name_key = obj.get("name_key", obj.get("task_id", ""))
-        return QAItem(obj["question"], obj["answer"], str(name_key), line)
-    raise _fail(path, line, "missing field 'conversations' (or 'question' and 'answer')")
-
-
-def _existing(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    return path
-
-
-def iter_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
-    """Parse a JSONL file strictly: ``(line_number, object)`` per non-blank line."""
-    path = _existing(path)
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                rows.append((number, json.loads(text)))
-            except json.JSONDecodeError as err:
-                raise _fail(path, number, f"malformed JSON ({err.msg} at column {err.colno})") from None
-    return rows
-
-
-def load_qa_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> list[QAItem]:
-    """Load QA items from a JSONL file (conversation or TOFU format); errors name file, line and field."""
-    items = [_parse_item(obj, path, number) for number, obj in iter_jsonl(path)]
-    if not items and not allow_empty:
-        raise UserError(f"{path}: no items (the file is empty)")
-    return items
-
-
-def load_predictions(path: str | Path, data_path: str | Path | None = None, expected: int | None = None) -> list[str]:
-    """Answers from a `{"text": ...}` JSONL file; errors name the file, line and field.
-
-    With ``expected``, the file must hold exactly that many answers (one per question of ``data_path``).
-    """
-    answers = []
-    for number, obj in iter_jsonl(path):
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise UserError(f"{path}, line {number}: expected an object with a string field 'text'")
-        answers.append(obj["text"])
-    if expected is not None and len(answers) != expected:
-        raise UserError(f"{path} has {len(answers)} answers but {data_path} has {expected} questions; "
-                        "they must be line-aligned")
-    return answers
-
-
-def load_lines(path: str | os.PathLike) -> list[str]:
-    """Load refusal sentences, one a line (plain text, or a JSON string / ``{"text": ...}`` per line)."""
-    path = _existing(path)
-    lines = []
-    with path.open(encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
-            text = text.strip()
-            if not text:
-                continue
-            if text[0] in '{"':
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError:
-                    obj = text
-                if isinstance(obj, dict):
-                    if not isinstance(obj.get("text"), str):
-                        raise _fail(path, number, "a JSON line must be a string or an object with a string 'text'")
-                    obj = obj["text"]
-                text = obj if isinstance(obj, str) else text
-            lines.append(text)
-    if not lines:
-        raise UserError(f"{path}: no refusal lines (the file is empty)")
-    return lines
-
-
-# --------------------------------------------------------------------------- tokenising
-
-
-def encode_text(tokenizer, text: str, **kwargs) -> list[int]:
-    """``text``'s token ids with the tokenizer's special tokens (a BOS where the tokenizer adds one), unless the text
-    already starts with its BOS token (a rendered chat template writes it): one BOS either way."""
-    bos = getattr(tokenizer, "bos_token", None)
-    special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=special, **kwargs)["input_ids"]
-
-
-def encode_qa(
-    tokenizer,
-    template: ChatTemplate,
-    question: str,
-    answer: str,
-    max_length: int,
-    mask: bool = True,
-) -> dict[str, list[int]] | None:
-    """Tokenise ``prompt + answer`` once and build labels; ``None`` when no answer token survives.
-
-    The text is ``template.prompt(question) + answer``, tokenised in one call (special tokens such as a
-    BOS added as the tokenizer does), truncated to ``max_length``; when room is left the tokenizer's
-    EOS is appended as the answer's last label, so the model learns to stop.
-
-    With ``mask=True`` the question's labels are ``IGNORE_INDEX``. Question tokens are counted on the
-    joined text from the tokenizer's character offsets, not by tokenising the prompt alone: a BPE merge
-    can cross the prompt/answer boundary, so a separate tokenisation of the prompt may give a different
-    count. A token that straddles the boundary holds answer characters and is therefore kept as an
-    answer label; only tokens lying wholly inside the prompt are masked.
-
-    Returns:
-        ``{"input_ids", "labels"}`` (lists of equal length), or ``None`` if truncation left no answer token.
-    """
-    prompt = template.prompt(question)
-    bos = getattr(tokenizer, "bos_token", None)  # one BOS: the tokenizer's, unless the tags already write it
-    enc = tokenizer(prompt + answer, add_special_tokens=not (bos and prompt.startswith(bos)),
-                    return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    offsets = enc["offset_mapping"]
-    boundary = len(prompt)
-    # tokens ending at or before the boundary are prompt tokens; special tokens have (0, 0) offsets
-    n_prompt = 0
-    for i, (start, end) in enumerate(offsets):
-        if end > boundary or (start >= boundary and end > start):
-            break
-        n_prompt = i + 1
-    ids = ids[:max_length]
-    n_text = len(ids)
-    if len(ids) < max_length and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if len(ids) <= n_prompt:
-        return None
-    labels = list(ids)
-    if mask:
-        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
-    return {"input_ids": ids, "labels": labels, "n_text": n_text}
-
-
-def pad_like_original(sample: dict, max_length: int, eos_id: int, labels_are_ids: bool) -> dict:
-    """Pad a sample to ``max_length`` with EOS the way the original scripts did (``--pad_to_max_length``).
-
-    Inputs: the text tokens, then EOS up to ``max_length``; the attention mask is 1 on the text tokens
-    only (0 on every EOS, the first included). Labels: with ``labels_are_ids`` (the forget part with
-    ``--mask false``) the padded ids themselves, EOS padding included, so a loss averages over padding
-    too; otherwise the sample's labels (question masked, answer, one EOS) followed by ``IGNORE_INDEX``.
-    """
-    ids = sample["input_ids"]
-    pad = max_length - len(ids)
-    padded = ids + [eos_id] * pad
-    attention = [1] * sample["n_text"] + [0] * (max_length - sample["n_text"])
-    labels = list(padded) if labels_are_ids else sample["labels"] + [IGNORE_INDEX] * pad
-    return {"input_ids": padded, "labels": labels, "attention_mask": attention, "n_text": sample["n_text"]}
+__all__ = ["ForgetRetainCollator", "ForgetRetainDataset", "paired_indices"]
 
 
 # --------------------------------------------------------------------------- pairing and datasets

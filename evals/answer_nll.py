@@ -8,7 +8,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from dataset.data_module import IGNORE_INDEX
+from dataset.encoding import IGNORE_INDEX
 from evals.shard import SINGLE, Shard
 from ops.head import fusable_head, gathered, head_input_taken
 from ops.token_values import head_row_values, shift_labels, upcast
@@ -20,7 +20,8 @@ def qa_batches(model, tokenizer, template, pairs, batch_size: int, max_length: i
     """(question, answer) pairs as training formats them (question masked), collated in batches on the
     model's device; yields ``(item indices, batch)``, only the batches this process of ``shard`` owns. A
     question that leaves no room for its answer is a :class:`~utils.errors.UserError`."""
-    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from dataset.data_module import ForgetRetainCollator
+    from dataset.encoding import encode_qa
     from utils.errors import UserError
     from utils.loading import pad_id_of
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from dataset.data_module import QAItem
+from dataset.reading import QAItem
 from evals.generation import BACKENDS, generate
 from evals.prompts import build_prompts
 from evals.sampling import GenerationConfig

@@ -26,6 +26,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, with the tokenizer's special tokens unless the text already starts with its BOS
     (a rendered chat template: Llama, Gemma and Mistral templates write the BOS themselves; tokenising it again
     with special tokens gives two)."""
-    from dataset.data_module import encode_text
+    from dataset.encoding import encode_text
 
     return [encode_text(tokenizer, p) for p in prompts]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.data_module import iter_jsonl
+from dataset.reading import iter_jsonl
 from evals.shard import SINGLE, Shard
 from utils.chat_template import ChatTemplate
 from utils.errors import UserError
@@ -97,7 +97,7 @@ def answer_losses(model, tokenizer, template: ChatTemplate, questions: Sequence[
                   ) -> tuple[list[float], list[int]]:
     """Summed answer NLL and answer-token count of each (question, answer) pair (TOFU's get_batch_loss); the
     answers to one question share one forward of it (:func:`evals.answer_nll.prompt_shared_nll`)."""
-    from dataset.data_module import encode_qa
+    from dataset.encoding import encode_qa
     from evals.answer_nll import prompt_shared_nll
     from utils.loading import pad_id_of
 

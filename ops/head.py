@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from dataset.data_module import IGNORE_INDEX
+from dataset.encoding import IGNORE_INDEX
 
 __all__ = ["FUSABLE_ARCHITECTURES", "HeadInput", "accepts_logits_to_keep", "fusable_head", "gathered",
            "head_input_taken", "kept_positions", "whole_shape"]

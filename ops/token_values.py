@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dataset.data_module import IGNORE_INDEX
+from dataset.encoding import IGNORE_INDEX
 from ops.head import HeadInput, gathered
 
 __all__ = ["HEAD_CHUNK_TOKENS", "ME_CHUNK_TOKENS", "ME_FLOOR", "head_row_values", "head_token_values", "me_chunk",

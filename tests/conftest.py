@@ -144,7 +144,8 @@ def real_model_dir() -> Path:
 
 def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], family: str) -> float:
     """Mean answer-token NLL (question masked) of ``pairs`` formatted with ``family``'s tags."""
-    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from dataset.data_module import ForgetRetainCollator
+    from dataset.encoding import encode_qa
     from trainer.losses import nll_loss
 
     template = load_chat_template(family)

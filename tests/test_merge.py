@@ -124,7 +124,7 @@ def test_merge_runs_in_float32_and_refuses_a_change_that_rounds_away(target, tra
 def test_merge_checks_on_the_adapters_own_forget_items(trained_adapter):
     """The probes are the adapter's first forget items as training formatted them (from its run_args.json), not
     one English sentence; without a run record, the sentence."""
-    from dataset.data_module import load_qa_jsonl
+    from dataset.reading import load_qa_jsonl
     from utils.chat_template import load_chat_template
 
     record = merge.run_record(trained_adapter)

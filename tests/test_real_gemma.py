@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import forget_me_gd
-from dataset.data_module import encode_qa
+from dataset.encoding import encode_qa
 from evals.atec import mean_rouge_l
 from evals.generation import generate_with_model
 from evals.prompts import build_prompts, encode_prompts

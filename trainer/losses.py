@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dataset.data_module import IGNORE_INDEX
+from dataset.encoding import IGNORE_INDEX
 from ops.head import HeadInput
 from ops.token_values import (
     ME_FLOOR,

@@ -10,7 +10,8 @@ import string
 from pathlib import Path
 from typing import NamedTuple
 
-from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem, load_lines, load_qa_jsonl
+from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset
+from dataset.reading import QAItem, load_lines, load_qa_jsonl
 from trainer.launch import (
     build_training_args,
     check_deepspeed,

@@ -53,7 +53,7 @@ def build_memorised_model(base: str | os.PathLike, out: str | os.PathLike, pairs
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from dataset.data_module import load_qa_jsonl
+    from dataset.reading import load_qa_jsonl
     from utils.cli import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],

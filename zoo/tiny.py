@@ -138,7 +138,7 @@ def memorise(model, tokenizer, template, pairs: list[tuple[str, str]], epochs: i
 
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from dataset.data_module import encode_qa
+    from dataset.encoding import encode_qa
 
     samples = [encode_qa(tokenizer, template, q, a, max_length=256, mask=True) for q, a in pairs]
     samples = [{**s, "attention_mask": [1] * len(s["input_ids"])} for s in samples if s is not None]
@@ -195,7 +195,7 @@ if __name__ == "__main__":
     # python -m zoo.tiny --data data/demo/train.jsonl --out runs/demo/target [--epochs 60]
     import argparse
 
-    from dataset.data_module import load_qa_jsonl
+    from dataset.reading import load_qa_jsonl
     from utils.cli import run_cli, setup_logging
 
     def _main(argv: list[str] | None = None) -> None:

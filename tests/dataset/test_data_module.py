@@ -7,16 +7,9 @@ import json
 import pytest
 import torch
 
-from dataset.data_module import (
-    IGNORE_INDEX,
-    ForgetRetainCollator,
-    ForgetRetainDataset,
-    QAItem,
-    encode_qa,
-    load_lines,
-    load_qa_jsonl,
-    paired_indices,
-)
+from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, paired_indices
+from dataset.encoding import IGNORE_INDEX, encode_qa
+from dataset.reading import QAItem, load_lines, load_qa_jsonl
 from utils.chat_template import ChatTemplate
 from utils.errors import UserError
 
@@ -181,7 +174,7 @@ def test_collator_pads_to_longest_with_real_attention():
 def test_padded_sample_layout_like_the_original(tokenizer, template):
     """Forget with --mask false: inputs = text + EOS x pad, labels = the padded ids themselves; retain: question
     masked, answer, one EOS label, then -100; attention 1 on the text tokens only."""
-    from dataset.data_module import pad_like_original
+    from dataset.encoding import pad_like_original
 
     eos, L = tokenizer.eos_token_id, 64
     sample = encode_qa(tokenizer, template, "Where does Li Wei live?", "At 12 River Road.", L, mask=True)

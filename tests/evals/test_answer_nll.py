@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dataset.data_module import encode_qa
+from dataset.encoding import encode_qa
 from evals.answer_nll import prompt_shared_nll
 from ops.head import fusable_head
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset.data_module import encode_qa
+from dataset.encoding import encode_qa
 from evals.generation import generate_with_model
 from evals.prompts import build_prompts, encode_prompts
 from evals.sampling import GenerationConfig, sampling_settings

@@ -62,7 +62,7 @@ def test_batched_losses_equal_one_at_a_time(target, template):
     """Padding in a batch changes nothing: each item's summed NLL equals its own unbatched forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dataset.data_module import encode_qa
+    from dataset.encoding import encode_qa
 
     model = AutoModelForCausalLM.from_pretrained(target["model"]).eval()
     tok = AutoTokenizer.from_pretrained(target["model"])
@@ -93,7 +93,7 @@ def bigram_model(tiny_model):
 def bigram_mean_nll(model, tokenizer, template, question: str, answer: str) -> float:
     """The answer's mean NLL, from the embedding and head matrices directly (float64), over the labelled
     positions of the sample that training and evaluation both build."""
-    from dataset.data_module import encode_qa
+    from dataset.encoding import encode_qa
 
     sample = encode_qa(tokenizer, template, question, answer, 200, mask=True)
     emb = model.get_input_embeddings().weight.double()

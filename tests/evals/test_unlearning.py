@@ -99,7 +99,8 @@ def test_reference_and_gradnorm_by_hand(target, trained_adapter):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     norms = grad_norms(model, tokenizer, template, pairs[:1])
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from dataset.data_module import ForgetRetainCollator
+    from dataset.encoding import encode_qa
 
     batch = ForgetRetainCollator(tokenizer.pad_token_id)(
         [{"x": encode_qa(tokenizer, template, *pairs[0], 512, mask=True)}])["x"]
@@ -172,7 +173,8 @@ def test_teacher_forced_statistics_never_build_batch_by_length_by_vocabulary(tar
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import ops.head
-    from dataset.data_module import ForgetRetainCollator, encode_qa
+    from dataset.data_module import ForgetRetainCollator
+    from dataset.encoding import encode_qa
     from evals.mia import distribution_moments
     from ops.token_values import HEAD_CHUNK_TOKENS, shift_labels
 

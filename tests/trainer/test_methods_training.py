@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import forget_me_gd
-from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset, QAItem
+from dataset.data_module import ForgetRetainCollator, ForgetRetainDataset
+from dataset.reading import QAItem
 from tests.conftest import REFUSALS, base_args
 from trainer import recipe
 

@@ -15,7 +15,8 @@ from rouge_score import rouge_scorer
 
 import forget_idk_ap
 import forget_me_gd
-from dataset.data_module import ForgetRetainCollator, encode_qa
+from dataset.data_module import ForgetRetainCollator
+from dataset.encoding import encode_qa
 from tests.conftest import REFUSALS, base_args, launch_two_processes
 from trainer.losses import nll_loss
 from utils.chat_template import load_chat_template
