@@ -27,7 +27,13 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
             print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the one line a user must see
         sys.exit(2)
     except KeyboardInterrupt as err:
-        print(f"interrupted{': ' + str(err) if str(err) else ''}", file=sys.stderr)  # noqa: T201
+        message = f"interrupted{': ' + str(err) if str(err) else ''}"
+        try:  # on its own line: a progress bar interrupted mid-line would otherwise carry it at its end
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+        except ImportError:
+            print(message, file=sys.stderr)  # noqa: T201
         sys.exit(130)
 
 

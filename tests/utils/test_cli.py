@@ -48,3 +48,31 @@ def test_script_parser_errors_in_one_line_and_help_without_none_defaults(capsys)
     text = parser.format_help()
     assert "(default: None)" not in text and "(default: 3)" in text and "yes/no" in text
     assert "python thing.py --a 1 \\\n        --b 2" in text
+
+
+INTERRUPTED_UNDER_A_BAR = r"""
+import sys
+sys.path.insert(0, {root!r})
+from tqdm import tqdm
+from utils.cli import run_cli
+def main(argv):
+    bar = tqdm(total=10, file=sys.stderr)
+    bar.update(3)
+    raise KeyboardInterrupt("the last complete checkpoint is X")
+run_cli(main)
+"""
+
+
+def test_ctrl_c_under_a_progress_bar_is_one_line_of_its_own():
+    """Ctrl-C while a training bar is drawn mid-line: the 'interrupted' line starts a line (it used to follow the
+    bar on the same line, which a timing-dependent CI run caught), exit code 130."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_UNDER_A_BAR.format(root=root)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 130
+    said = [line for line in proc.stderr.splitlines() if line.startswith("interrupted")]
+    assert said == ["interrupted: the last complete checkpoint is X"], proc.stderr
