@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from trainer.losses import LossParams, needs_reference
+from trainer.losses import LossSettings, needs_reference
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -87,11 +87,10 @@ def resolve_max_grad_norm(args: argparse.Namespace, accumulation: int) -> float:
 
 def method_settings(args: argparse.Namespace) -> dict:
     """The method's settings from the command line, as :class:`~trainer.unlearn_trainer.UnlearnTrainingArguments`
-    fields (the loss terms' flags are named as ``LossParams`` fields)."""
+    fields (the loss terms' flags are named as ``LossSettings`` fields)."""
     import dataclasses
 
-    params = {f.name: getattr(args, f.name) for f in dataclasses.fields(LossParams)
-              if f.name != "steering" and hasattr(args, f.name)}
+    params = {f.name: getattr(args, f.name) for f in dataclasses.fields(LossSettings) if hasattr(args, f.name)}
     return {"loss_type": args.loss_type, "forget_coeff": args.forget_coeff, "retain_coeff": args.regularization_coeff,
             "loss_reduction": args.loss_reduction, "fused_head": args.fused_head_loss, "rmu_layer": args.rmu_layer,
             "rmu_steering_coeff": args.rmu_steering_coeff, "pdu_epsilon": args.pdu_epsilon,

@@ -292,9 +292,11 @@ class PartOutput(NamedTuple):
     ref_hidden: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class LossParams:
-    """Hyper-parameters of the terms; each default is its paper's (or open-unlearning's config)."""
+@dataclass
+class LossSettings:
+    """Hyper-parameters of the terms as a user sets them; each default is its paper's (or open-unlearning's
+    config). Declared once: :class:`~trainer.unlearn_trainer.UnlearnTrainingArguments` inherits these fields, so
+    the Trainer saves them with the run."""
 
     beta: float = 0.1  # AP, NPO, DPO (the original scripts' value)
     simnpo_beta: float = 4.5
@@ -306,7 +308,14 @@ class LossParams:
     ceu_skip_tokens: int = 1
     me_floor: float = ME_FLOOR  # ME's floor inside the log (the competition's 1e-12; 0: the exact closed form)
     kl_reduction: str = "tokens"  # KL's mean: over answer tokens, or open-unlearning's batchmean over positions
-    steering: torch.Tensor | None = None  # RMU's c * u, made by the trainer once the hidden size is known
+
+
+@dataclass
+class LossParams(LossSettings):
+    """What the terms read: the settings, and RMU's steering vector ``c * u``, made by the trainer once the hidden
+    size is known."""
+
+    steering: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- what a term averages over

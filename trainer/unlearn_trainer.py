@@ -14,9 +14,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ops.head import HeadInput, accepts_logits_to_keep, fusable_head, head_input_taken, kept_positions
-from ops.token_values import ME_FLOOR
 from trainer.checkpoints import commit_on_every_machine
-from trainer.losses import LOSSES, LossParams, LossTerm, PartOutput, dual_step, steering_vector
+from trainer.losses import LOSSES, LossParams, LossSettings, LossTerm, PartOutput, dual_step, steering_vector
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +66,10 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 @dataclasses.dataclass
-class UnlearnTrainingArguments(TrainingArguments):
+class UnlearnTrainingArguments(LossSettings, TrainingArguments):
     """``TrainingArguments`` with the unlearning method's settings, typed and saved with the run's arguments (TRL's
-    pattern: one config holds every hyper-parameter). The loss terms' hyper-parameters are the
-    :class:`~trainer.losses.LossParams` fields under the same names (:meth:`loss_params`).
+    pattern: one config holds every hyper-parameter). The loss terms' hyper-parameters are inherited from
+    :class:`~trainer.losses.LossSettings`, declared there once (:meth:`loss_params` hands them to the terms).
 
     Also: the warm-up ratio rounds down, as the original scripts' did (``int(warmup_ratio * total_steps)``;
     transformers rounds up: 30 steps at 0.05 give 1 step, not 2), and one process never trains on several GPUs
@@ -89,18 +88,6 @@ class UnlearnTrainingArguments(TrainingArguments):
     pdu_epsilon: float | None = dataclasses.field(default=None, metadata={
         "help": "PDU's retain-loss bound (None: the first step's retain loss)"})
     pdu_dual_step_size: float = dataclasses.field(default=1.0, metadata={"help": "PDU's dual step size"})
-    # the loss terms' hyper-parameters (LossParams' fields; defaults are each paper's)
-    beta: float = 0.1
-    simnpo_beta: float = 4.5
-    simnpo_delta: float = 0.0
-    undial_beta: float = 10.0
-    wga_beta: float = 1.0
-    satimp_beta1: float = 5.0
-    satimp_beta2: float = 1.0
-    ceu_skip_tokens: int = 1
-    me_floor: float = ME_FLOOR
-    kl_reduction: str = "tokens"
-
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.loss_type not in LOSSES:
@@ -110,7 +97,7 @@ class UnlearnTrainingArguments(TrainingArguments):
 
     def loss_params(self, steering: torch.Tensor | None = None) -> LossParams:
         """The terms' hyper-parameters (and RMU's steering vector, made by the trainer)."""
-        names = [f.name for f in dataclasses.fields(LossParams) if f.name != "steering"]
+        names = [f.name for f in dataclasses.fields(LossSettings)]
         return LossParams(**{name: getattr(self, name) for name in names}, steering=steering)
 
     def get_warmup_steps(self, num_training_steps: int) -> int:

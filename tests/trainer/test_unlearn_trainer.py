@@ -6,17 +6,18 @@ import dataclasses
 
 import pytest
 
-from trainer.losses import LossParams
+from trainer.losses import LossSettings
 from trainer.unlearn_trainer import DualWeight, UnlearnTrainingArguments
 
 
 def test_the_config_holds_every_loss_hyper_parameter_with_its_papers_default():
-    """Each LossParams field (but the steering vector the trainer makes) is a config field of the same default,
-    and loss_params() carries a changed value through."""
+    """Each LossSettings field is a config field of the same default, and loss_params() carries a changed value
+    through to what the terms read."""
     config = UnlearnTrainingArguments(output_dir="unused", report_to=[])
-    for field in dataclasses.fields(LossParams):
-        if field.name != "steering":
-            assert getattr(config, field.name) == field.default, field.name
+    for field in dataclasses.fields(LossSettings):
+        assert getattr(config, field.name) == field.default, field.name
+    assert config.beta == 0.1 and config.me_floor == 1e-12 and config.kl_reduction == "tokens"  # the papers' values
+    assert UnlearnTrainingArguments("first", report_to=[]).output_dir == "first"  # TrainingArguments' fields first
     changed = UnlearnTrainingArguments(output_dir="unused", report_to=[], beta=0.5, kl_reduction="batchmean",
                                        me_floor=0.0)
     params = changed.loss_params()
