@@ -32,6 +32,24 @@ from ops.token_values import (
 )
 
 
+@dataclass
+class LossSettings:
+    """Hyper-parameters of the terms as a user sets them; each default is its paper's (or open-unlearning's
+    config). Declared once: :class:`~trainer.unlearn_trainer.UnlearnTrainingArguments` inherits these fields, so
+    the Trainer saves them with the run."""
+
+    beta: float = 0.1  # AP, NPO, DPO (the original scripts' value)
+    simnpo_beta: float = 4.5
+    simnpo_delta: float = 0.0
+    undial_beta: float = 10.0
+    wga_beta: float = 1.0
+    satimp_beta1: float = 5.0
+    satimp_beta2: float = 1.0
+    ceu_skip_tokens: int = 1
+    me_floor: float = ME_FLOOR  # ME's floor inside the log (the competition's 1e-12; 0: the exact closed form)
+    kl_reduction: str = "tokens"  # KL's mean: over answer tokens, or open-unlearning's batchmean over positions
+
+
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token NLL over all counted tokens of the batch (a Hugging Face causal-LM loss). GD and IDK use it."""
     nll, mask = token_nll(logits, labels)
@@ -43,7 +61,7 @@ def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll_loss(logits, labels)
 
 
-def me_loss(logits: torch.Tensor, labels: torch.Tensor, floor: float = ME_FLOOR) -> torch.Tensor:
+def me_loss(logits: torch.Tensor, labels: torch.Tensor, floor: float = LossSettings.me_floor) -> torch.Tensor:
     """Maximum entropy, as the competition computed it: ``KL(uniform || softmax(z) + floor)`` averaged over counted
     tokens, ``floor = 1e-12`` inside the log (``F.kl_div((softmax(z) + 1e-12).log(), uniform)``).
 
@@ -80,7 +98,8 @@ def ap_loss(
     return -F.logsigmoid(beta * margin).mean() / beta
 
 
-def npo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def npo_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, beta: float = LossSettings.beta
+             ) -> torch.Tensor:
     """Negative preference optimisation: ``-(2/beta) * mean log sigmoid(beta * (nll - nll_ref))``."""
     margin = sequence_nll(logits, labels) - sequence_nll(ref_logits, labels).detach()
     return -F.logsigmoid(beta * margin).mean() * 2 / beta
@@ -108,8 +127,8 @@ def dpo_loss(
 KL_REDUCTIONS = ("tokens", "batchmean")
 
 
-def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, reduction: str = "tokens"
-            ) -> torch.Tensor:
+def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
+            reduction: str = LossSettings.kl_reduction) -> torch.Tensor:
     """KL(ref || current) of the next-token distributions.
 
     ``tokens``: averaged over the positions that predict an answer token (padding and prompts never count).
@@ -133,7 +152,8 @@ def kl_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor
     return F.kl_div(logp, ref_logp, reduction="sum", log_target=True) / mask.sum()
 
 
-def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -> torch.Tensor:
+def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = LossSettings.simnpo_beta,
+                delta: float = LossSettings.simnpo_delta) -> torch.Tensor:
     """SimNPO (Fan et al. 2024, "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM
     Unlearning"): NPO without a reference model, on the length-normalised answer NLL.
 
@@ -158,8 +178,8 @@ def _counted(logits: torch.Tensor, labels: torch.Tensor, skip: int = 0) -> tuple
     return upcast(logits[mask]), target[mask]
 
 
-def undial_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor, beta: float = 10.0
-                ) -> torch.Tensor:
+def undial_loss(logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor,
+                beta: float = LossSettings.undial_beta) -> torch.Tensor:
     """UNDIAL (Dong et al. 2024, "UNDIAL: Self-Distillation with Adjusted Logits for Robust Unlearning in
     Large Language Models"): cross-entropy of the model against ``softmax(z_ref - beta * onehot(y))``.
 
@@ -189,7 +209,7 @@ def _weighted_ascent(logits: torch.Tensor, labels: torch.Tensor, weight: Callabl
     return -(w * nll).mean()
 
 
-def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = LossSettings.wga_beta) -> torch.Tensor:
     """WGA, weighted gradient ascent (Wang et al. 2025, "Rethinking LLM Unlearning Objectives: A Gradient
     Perspective and Go Beyond"): each token's ascent term weighted by ``stop_grad(p(y_t) ** beta)``.
 
@@ -199,7 +219,8 @@ def wga_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 1.0) -> t
     return _weighted_ascent(logits, labels, lambda p: p**beta)
 
 
-def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = 5.0, beta2: float = 1.0) -> torch.Tensor:
+def satimp_loss(logits: torch.Tensor, labels: torch.Tensor, beta1: float = LossSettings.satimp_beta1,
+                beta2: float = LossSettings.satimp_beta2) -> torch.Tensor:
     """SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning"):
     as WGA with weight ``stop_grad(p ** beta1 * (1 - p) ** beta2)`` (defaults 5 and 1, open-unlearning).
 
@@ -215,7 +236,8 @@ def skip_first_answer_tokens(labels: torch.Tensor, n: int) -> torch.Tensor:
     return labels.masked_fill(counted & (counted.cumsum(dim=-1) <= n), IGNORE_INDEX)
 
 
-def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, skip_tokens: int = 1) -> torch.Tensor:
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, skip_tokens: int = LossSettings.ceu_skip_tokens
+             ) -> torch.Tensor:
     """CE-U, cross-entropy unlearning (Yang 2025, "CE-U: Cross Entropy Unlearning"): cross-entropy against
     ``softmax(z)`` with the true token's logit set to ``-inf`` (a detached target), mean over counted tokens.
 
@@ -290,24 +312,6 @@ class PartOutput(NamedTuple):
     ref_logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     ref_hidden: torch.Tensor | None = None
-
-
-@dataclass
-class LossSettings:
-    """Hyper-parameters of the terms as a user sets them; each default is its paper's (or open-unlearning's
-    config). Declared once: :class:`~trainer.unlearn_trainer.UnlearnTrainingArguments` inherits these fields, so
-    the Trainer saves them with the run."""
-
-    beta: float = 0.1  # AP, NPO, DPO (the original scripts' value)
-    simnpo_beta: float = 4.5
-    simnpo_delta: float = 0.0
-    undial_beta: float = 10.0
-    wga_beta: float = 1.0
-    satimp_beta1: float = 5.0
-    satimp_beta2: float = 1.0
-    ceu_skip_tokens: int = 1
-    me_floor: float = ME_FLOOR  # ME's floor inside the log (the competition's 1e-12; 0: the exact closed form)
-    kl_reduction: str = "tokens"  # KL's mean: over answer tokens, or open-unlearning's batchmean over positions
 
 
 @dataclass

@@ -392,3 +392,82 @@ def test_me_backward_equals_autograd_of_the_original(random_batch, monkeypatch):
     small = logits[:1, :6, :7].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: me_loss(z, labels[:1, :6]), (small,))
     assert torch.autograd.gradcheck(lambda z: me_loss(z, labels[:1, :6], floor=0.0), (small,))
+
+
+def test_the_settings_defaults_are_the_sources_values():
+    """Fidelity: every loss hyper-parameter defaults to its source's value (the one declaration the terms, the
+    config and the flags all read), and the loss functions' own defaults are those settings."""
+    import dataclasses
+    import inspect
+
+    from trainer.losses import (
+        LossSettings,
+        ceu_loss,
+        kl_loss,
+        me_loss,
+        npo_loss,
+        satimp_loss,
+        simnpo_loss,
+        undial_loss,
+        wga_loss,
+    )
+
+    sources = {  # value, where it comes from
+        "beta": (0.1, "forget_idk_ap.py of the ATEC original (AP), the NPO paper"),
+        "simnpo_beta": (4.5, "open-unlearning configs/trainer/SimNPO.yaml"),
+        "simnpo_delta": (0.0, "open-unlearning configs/trainer/SimNPO.yaml"),
+        "undial_beta": (10.0, "open-unlearning configs/trainer/UNDIAL.yaml"),
+        "wga_beta": (1.0, "open-unlearning configs/trainer/WGA.yaml"),
+        "satimp_beta1": (5.0, "open-unlearning configs/trainer/SatImp.yaml"),
+        "satimp_beta2": (1.0, "open-unlearning configs/trainer/SatImp.yaml"),
+        "ceu_skip_tokens": (1, "the CE-U paper's footnote"),
+        "me_floor": (1e-12, "forget_me_gd.py of the ATEC original"),
+        "kl_reduction": ("tokens", "ours (docs/fidelity.md; batchmean is open-unlearning's)"),
+    }
+    settings = LossSettings()
+    assert {f.name for f in dataclasses.fields(LossSettings)} == set(sources)
+    for name, (value, source) in sources.items():
+        assert getattr(settings, name) == value, (name, source)
+    defaults = {(me_loss, "floor"): "me_floor", (npo_loss, "beta"): "beta", (simnpo_loss, "beta"): "simnpo_beta",
+                (simnpo_loss, "delta"): "simnpo_delta", (undial_loss, "beta"): "undial_beta",
+                (wga_loss, "beta"): "wga_beta", (satimp_loss, "beta1"): "satimp_beta1",
+                (satimp_loss, "beta2"): "satimp_beta2", (ceu_loss, "skip_tokens"): "ceu_skip_tokens",
+                (kl_loss, "reduction"): "kl_reduction"}
+    for (fn, parameter), name in defaults.items():
+        assert inspect.signature(fn).parameters[parameter].default == sources[name][0], (fn.__name__, parameter)
+
+
+def test_kl_batchmean_on_a_batch_whose_shape_is_not_square():
+    """(B, T, V) = (2, 3, 5), peaked logits: batchmean is the per-position KL summed over all six positions / 6,
+    and tokens the mean over the positions that predict an answer token (a reshape over the wrong axis, or a
+    softmax over it, gives another number)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen) * 4
+    ref = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen) * 4
+    per_position = [[float((F.softmax(ref[b, t], -1) * (F.log_softmax(ref[b, t], -1) - F.log_softmax(logits[b, t], -1)))
+                           .sum()) for t in range(3)] for b in range(2)]
+    labels = torch.tensor([[-100, 1, 2], [-100, -100, 3]])  # positions (0, 0), (0, 1), (1, 1) predict answers
+    assert kl_loss(logits, ref, labels, "batchmean").item() == pytest.approx(sum(map(sum, per_position)) / 6,
+                                                                             rel=1e-12)
+    expected = (per_position[0][0] + per_position[0][1] + per_position[1][1]) / 3
+    assert kl_loss(logits, ref, labels, "tokens").item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_every_terms_units_are_its_means_divisor_counted_by_hand():
+    """The trainer divides each term's summed value by its units over a whole step: forget answer tokens 2 + 0 + 3
+    = 5 over 3 rows, 2 of them answered; CE-U leaves each answered row's first token out (1 + 2); retain 4 tokens
+    over 2 rows and 8 positions; forget_idk 2 tokens."""
+    import trainer.losses as losses
+
+    labels = {"forget": torch.tensor([[-100, -100, 5, 6, -100], [-100] * 5, [-100, -100, 7, 8, 9]]),
+              "retain": torch.tensor([[-100, 1, 2, 3], [-100, -100, -100, 4]]),
+              "forget_idk": torch.tensor([[-100, 1, 1]]), "retain_idk": torch.tensor([[-100, 2, 2, 2]])}
+    hp = LossParams()
+    expected = {"GA": 5, "ME": 5, "IDK": 2, "NPO": 3, "DPO": 3, "SIMNPO": 2, "UNDIAL": 5, "WGA": 5, "SATIMP": 5,
+                "CEU": 3, "PDU_F": 5, "RMU_F": 3, "GD": 4, "KL": 4, "AP": 2, "PDU_R": 4, "RMU_R": 2}
+    for name, count in expected.items():
+        assert int(getattr(losses, name).units(labels, hp)) == count, name
+    assert int(losses.KL.units(labels, LossParams(kl_reduction="batchmean"))) == 8
+    assert int(losses.CEU.units(labels, LossParams(ceu_skip_tokens=0))) == 5
+    named = {id(t) for pair in losses.LOSSES.values() for t in pair if t is not None}
+    assert named <= {id(getattr(losses, name)) for name in expected}  # every term of the table is counted above
