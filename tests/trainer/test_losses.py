@@ -281,7 +281,7 @@ def test_kl_reductions():
     theirs = F.kl_div(F.log_softmax(logits.view(-1, 2), -1), F.log_softmax(ref.view(-1, 2), -1),
                       reduction="batchmean", log_target=True)
     assert kl_loss(logits, ref, labels, "batchmean").item() == pytest.approx(theirs.item(), rel=1e-12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"unknown KL reduction 'mean'; one of tokens, batchmean$"):
         kl_loss(logits, ref, labels, "mean")
 
 
@@ -471,3 +471,14 @@ def test_every_terms_units_are_its_means_divisor_counted_by_hand():
     assert int(losses.CEU.units(labels, LossParams(ceu_skip_tokens=0))) == 5
     named = {id(t) for pair in losses.LOSSES.values() for t in pair if t is not None}
     assert named <= {id(getattr(losses, name)) for name in expected}  # every term of the table is counted above
+
+
+def test_which_methods_read_hidden_states_or_a_reference():
+    """RMU's terms read a layer's hidden states; a reference is read by NPO, DPO and UNDIAL (their forget terms),
+    by every +KL retain term, and by plain RMU (its retain term matches the reference's hidden states)."""
+    from trainer.losses import needs_hidden, needs_reference
+
+    assert [t for t in LOSSES if needs_hidden(t)] == ["RMU", "RMU+GD"]
+    expected = {t for t in LOSSES if t.split("+")[0] in ("NPO", "DPO", "UNDIAL") or t.endswith("+KL")} | {"RMU"}
+    assert {t for t in LOSSES if needs_reference(t)} == expected
+    assert needs_hidden("RMU") is True and needs_reference("ME+GD") is False
