@@ -123,12 +123,14 @@ def _free_gpu_bytes() -> list[int]:
 
 def load_model(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *, dtype: str | Any = "auto",
                device: str | None = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None,
-               tensor_parallel_size: int = 1, trainable_adapter: bool = False, flag: str = "--model_path"):
+               tensor_parallel_size: int = 1, trainable_adapter: bool = False, flag: str = "--model_path",
+               quantization: str | None = None):
     """A causal LM from a local folder (safetensors only), with ``adapter`` on top as a ``PeftModel``.
 
     ``dtype``: a name of :data:`DTYPES` or a torch dtype. ``device``: ``"auto"`` (see the module docstring), a
     device name, or ``None`` (where ``from_pretrained`` puts it; training). The model is in eval mode unless
-    ``trainable_adapter`` (the adapter's weights then train)."""
+    ``trainable_adapter`` (the adapter's weights then train). ``quantization``: one of :data:`QUANTIZATIONS`,
+    the linear layers' weights quantised while loading (bitsandbytes, on CPU and CUDA)."""
     from transformers import AutoModelForCausalLM
 
     check_model_folder(model_path, flag)
@@ -153,6 +155,11 @@ def load_model(model_path: str | os.PathLike, adapter: str | os.PathLike | None 
                 target = placement
     elif device is not None:
         target = device
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
+        if target is not None:  # a quantised model is placed while loading; it cannot be moved after
+            kwargs["device_map"] = {"": target}
+            target = None
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as err:  # e.g. only pickled *.bin weights: we never unpickle a user's files
@@ -164,6 +171,28 @@ def load_model(model_path: str | os.PathLike, adapter: str | os.PathLike | None 
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable_adapter)
     return model if trainable_adapter else model.eval()
+
+
+QUANTIZATIONS = ("int8", "nf4", "fp4")
+
+
+def quantization_config(name: str, compute_dtype=None):
+    """bitsandbytes' config for ``name``: ``int8`` (LLM.int8, 8-bit weights with outlier columns kept in 16 bits),
+    ``nf4`` (4-bit NormalFloat, blocks of 64; QLoRA's and OpenUnlearning's), ``fp4`` (4-bit float,
+    ``BitsAndBytesConfig(load_in_4bit=True)``'s default, as Zhang et al. load)."""
+    if name not in QUANTIZATIONS:
+        raise UserError(f"quantisation must be one of {', '.join(QUANTIZATIONS)}, not {name!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("quantisation needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if name == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = compute_dtype if isinstance(compute_dtype, torch.dtype) else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name, bnb_4bit_compute_dtype=compute)
 
 
 def load_tokenizer(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None,

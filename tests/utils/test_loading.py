@@ -148,3 +148,24 @@ def test_models_are_loaded_in_one_place():
     found = [str(p.relative_to(root)) for folder in ("", "utils", "dataset", "evals", "trainer", "zoo", "bench")
              for p in (root / folder).glob("*.py") if p not in allowed and pattern.search(p.read_text())]
     assert found == []
+
+
+def test_quantised_loading_replaces_the_linear_layers_and_keeps_the_head(tiny_model_dir):
+    """int8 and NF4 through bitsandbytes on CPU: every decoder linear becomes a bitsandbytes layer (the head stays,
+    as transformers leaves it), the logits move but stay close; an unknown kind is one clear error."""
+    import bitsandbytes as bnb
+
+    full = load_model(tiny_model_dir, dtype="float32", device="cpu")
+    ids = torch.arange(1, 17).unsqueeze(0)
+    with torch.no_grad():
+        reference = full(input_ids=ids).logits
+    for kind, layer in (("int8", bnb.nn.Linear8bitLt), ("nf4", bnb.nn.Linear4bit)):
+        model = load_model(tiny_model_dir, dtype="float32", device="cpu", quantization=kind)
+        linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        assert linears and all(isinstance(m, layer) for m in linears), kind
+        assert not isinstance(model.lm_head, layer)
+        with torch.no_grad():
+            change = (model(input_ids=ids).logits - reference).abs()
+        assert 0 < change.mean() < reference.abs().mean(), kind
+    with pytest.raises(UserError, match="quantisation must be one of int8, nf4, fp4"):
+        load_model(tiny_model_dir, dtype="float32", device="cpu", quantization="int4")
