@@ -73,8 +73,8 @@ EXAMPLES = command_examples()
 
 
 def test_the_docs_show_commands_of_every_script():
-    assert {"forget_me_gd", "merge", "predict_demo", "evaluate", "evaluate_unlearning", "evaluate_tofu",
-            "extract_data", "demo", "fetch_model"} <= {example[1] for example in EXAMPLES}
+    assert {"forget_me_gd", "merge", "predict_demo", "evaluate", "evaluate_unlearning", "evaluate_robustness",
+            "evaluate_tofu", "extract_data", "demo", "fetch_model"} <= {example[1] for example in EXAMPLES}
 
 
 def script_parser(script: str):

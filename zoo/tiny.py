@@ -165,19 +165,22 @@ def build_target_model(
     seed: int = 0,
     bos_token: str | None = None,
     repetition_penalty: float | None = None,
+    vocabulary: list[tuple[str, str]] | None = None,
 ) -> Path:
     """Build a tiny model that has memorised ``pairs`` (the "original model" to unlearn from) and save it.
 
     The tokenizer is trained on the pairs' text (plus filler), the model from scratch, then fine-tuned on
     the pairs formatted with ``family``'s chat tags. Deterministic for a given seed. ``bos_token``: a tokenizer
-    that adds it (see :func:`build_tokenizer`); ``repetition_penalty``: written to the model's generation_config.
+    that adds it (see :func:`build_tokenizer`); ``repetition_penalty``: written to the model's generation_config;
+    ``vocabulary``: the pairs whose text the tokenizer learns (default ``pairs``; models built with the same
+    vocabulary share one tokenizer, e.g. a target and its retain-only control).
     """
     from utils.chat_template import load_chat_template
     from utils.cli import seed_everything
 
     seed_everything(seed)
     template = load_chat_template(family)
-    tokenizer = build_tokenizer([f"{q} {a}" for q, a in pairs], bos_token=bos_token)
+    tokenizer = build_tokenizer([f"{q} {a}" for q, a in (vocabulary or pairs)], bos_token=bos_token)
     model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers,
                         num_heads=max(1, hidden_size // 32), seed=seed)
     memorise(model, tokenizer, template, pairs, epochs=epochs, lr=lr, seed=seed)
