@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "leaderboard"),
                         help="models, runs and logs (targets are reused when present)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "leaderboard.md"), help="the table (the PNG beside it)")
+    parser.add_argument("--attacks", default="relearn,quant4,probe",
+                        help="post-attack columns (bench/robustness.py's attacks, its defaults; '' for none)")
     return parser.parse_args(argv)
 
 
@@ -133,9 +135,14 @@ def unlearn(method: str, target: Path, work: Path, epochs: int, lr: float) -> tu
     return final, minutes
 
 
-def row(name: str, s: dict, minutes: float | None) -> dict:
+def row(name: str, s: dict, minutes: float | None, attacked: dict | None = None) -> dict:
+    """A table row from a summary; ``attacked``: the model's results of ``trainer.robustness.attack_model``."""
     sets = s["sets"]
-    return {"method": name, "forget": sets["forget"]["rougeL_f"], "retain": sets["retain"]["rougeL_f"],
+    attacked = attacked or {}
+    return {"relearn": (attacked.get("relearn") or {}).get("forget_rouge_f"),
+            "quant4": (attacked.get("quant4") or {}).get("forget_rouge_f"),
+            "probe": (attacked.get("probe") or {}).get("leak_rate"), "method": name,
+            "forget": sets["forget"]["rougeL_f"], "retain": sets["retain"]["rougeL_f"],
             "general": sets["general"]["rougeL_f"], "auc_loss": s["auc"]["loss"], "auc_mkpp": s["auc"]["min_k_pp"],
             "priv_leak": s.get("priv_leak", {}).get("loss"), "refusal": sets["forget"]["refusal_rate"],
             "es": sets["forget"]["es"], "minutes": minutes}
@@ -160,15 +167,20 @@ def table(rows: list[dict], args: argparse.Namespace, threads: int) -> str:
         "PrivLeak (MUSE's, on the LOSS AUC): ((1 − AUC) − (1 − AUC of the retain-only model)) / (1 − that AUC) "
         "x 100: 0 ideal, strongly negative = the forget facts are still detectable (under-unlearning; a model that "
         "knows them scores about −100), positive = over-unlearning; ES: extraction strength on forget facts "
-        "(1/n at best: open-unlearning's definition); refusals: share of forget answers that are refusals.", "",
+        "(1/n at best: open-unlearning's definition); refusals: share of forget answers that are refusals. "
+        "After attacks (bench/robustness.py, docs/evaluation.md \"Does the forgetting hold?\"): forget ROUGE after "
+        "relearning on the forget facts (1 epoch, lr 2e-5) and with 4-bit NF4 weights, and the probe leak rate "
+        "(share of forget facts some probe recovers, ROUGE-L recall >= 0.5); the retain-only row is the control: "
+        "what the same attack gives a model that never saw the facts.", "",
         "| method | forget ROUGE | retain ROUGE | general ROUGE | AUC LOSS | AUC Min-K%++ | PrivLeak % | ES | "
-        "refusals | minutes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "refusals | relearn | quant4 | probe leak | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {f(r['forget'])} | {f(r['retain'])} | {f(r['general'])} | "
                      f"{f(r['auc_loss'])} | {f(r['auc_mkpp'])} | {f(r['priv_leak'], '{:+.1f}')} | {f(r['es'])} | "
-                     f"{f(r['refusal'], '{:.2f}')} | {f(r['minutes'], '{:.1f}')} |")
+                     f"{f(r['refusal'], '{:.2f}')} | {f(r['relearn'])} | {f(r['quant4'])} | "
+                     f"{f(r['probe'], '{:.2f}')} | {f(r['minutes'], '{:.1f}')} |")
     lines += [
         "",
         "Reading it: the retain-only model is the target to aim for, not a forget ROUGE of 0: the facts share "
@@ -224,13 +236,19 @@ def main(argv: list[str] | None = None) -> str:
     target, retain_only = build_models(work, base, data)
     refusals = [r for r in REFUSALS if r.isascii()]
     retain_summary = evaluate(retain_only, None, data, refusals, work / "eval" / "retain_only")
+    trained = {method: unlearn(method, target, work, args.epochs, args.lr) for method in args.methods}
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    runs = {"control": None, "methods": {}}
+    if attacks:
+        from bench.robustness import attack_runs
+
+        runs = attack_runs(work, {method: final for method, (final, _) in trained.items()}, attacks)
     rows = [row("(target, before)", evaluate(target, None, data, refusals, work / "eval" / "target", retain_summary),
                 None),
-            row("(retain-only model)", retain_summary, None)]
-    for method in args.methods:
-        final, minutes = unlearn(method, target, work, args.epochs, args.lr)
+            row("(retain-only model)", retain_summary, None, runs["control"])]
+    for method, (final, minutes) in trained.items():
         summary = evaluate(target, final, data, refusals, work / "eval" / f"lr{args.lr}_{method}", retain_summary)
-        rows.append(row(method, summary, minutes))
+        rows.append(row(method, summary, minutes, runs["methods"].get(method, {}).get("results")))
     text = table(rows, args, threads)
     out = Path(args.out)
     out.write_text(text, encoding="utf-8")
