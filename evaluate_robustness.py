@@ -24,7 +24,7 @@ import json
 import logging
 from pathlib import Path
 
-from utils.cli import ScriptParser, add_evaluated_model_args, bool_arg, run_cli, setup_logging
+from utils.cli import ScriptParser, add_evaluated_model_args, add_evaluation_sets, bool_arg, run_cli, setup_logging
 from utils.errors import UserError
 
 logger = logging.getLogger("evaluate_robustness")
@@ -43,11 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reuse_control", help="a robustness.json of an earlier run with the same control, sets and "
                                                 "attack settings: its control results (and the original's, when it "
                                                 "is the same model) are taken, not recomputed")
-    sets = parser.add_argument_group("sets (JSONL in the training format)")
-    sets.add_argument("--forget", required=True, help="the items that were to be forgotten")
-    sets.add_argument("--retain", help="items to keep (utility)")
-    sets.add_argument("--holdout", help="items like the forget set, never trained on (the MIA AUCs)")
-    sets.add_argument("--refusals", help="refusal sentences, one a line (refusal rate)")
+    add_evaluation_sets(parser, ("forget", "retain", "holdout", "refusals"))
     parser.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated, of {', '.join(ATTACKS)}")
     parser.add_argument("--out", required=True, help="output folder")
     relearn = parser.add_argument_group("relearning (relearn and rtt)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.cli import ScriptParser, add_evaluated_model_args, bool_arg, run_cli, setup_logging
+from utils.cli import ScriptParser, add_evaluated_model_args, add_evaluation_sets, bool_arg, run_cli, setup_logging
 from utils.errors import UserError
 
 
@@ -28,12 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_evaluated_model_args(parser, adapter_help="a PEFT adapter on top of --model_path (its Reference score uses "
                                                   "--model_path with the adapter off)")
     parser.add_argument("--reference_model", help="without --adapter: a model folder for the Reference score")
-    sets = parser.add_argument_group("sets (JSONL; at least --forget)")
-    sets.add_argument("--forget", required=True, help="items that were to be forgotten (MIA members)")
-    sets.add_argument("--retain", help="items to keep")
-    sets.add_argument("--holdout", help="items like the forget set, never trained on (MIA non-members)")
-    sets.add_argument("--general", help="general-knowledge questions with reference answers")
-    sets.add_argument("--refusals", help="refusal sentences, one a line (refusal rate)")
+    add_evaluation_sets(parser)
     parser.add_argument("--retain_only_summary", help="summary.json of a model never trained on the forget set "
                                                       "(PrivLeak)")
     parser.add_argument("--out", required=True, help="output folder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import evaluate
+import evaluate_robustness
 import evaluate_tofu
 import evaluate_unlearning
 import extract_data
@@ -15,8 +16,12 @@ def test_every_evaluation_command_reads_model_path_adapter_family_and_out():
     tofu = evaluate_tofu.parse_args(["--model_path", "m", "--adapter", "a", "--model_family", "tiny", "--out", "o"])
     unlearning = evaluate_unlearning.parse_args(["--model_path", "m", "--adapter", "a", "--model_family", "tiny",
                                                  "--forget", "f.jsonl", "--out", "o"])
-    for args in (tofu, unlearning):
+    robustness = evaluate_robustness.parse_args(["--model_path", "m", "--adapter", "a", "--model_family", "tiny",
+                                                 "--forget", "f.jsonl", "--control_model", "c", "--out", "o"])
+    for args in (tofu, unlearning, robustness):
         assert (args.model_path, args.adapter, args.model_family, args.out) == ("m", "a", "tiny", "o")
+    for args in (unlearning, robustness):  # the sets too: one group of options (utils.cli.add_evaluation_sets)
+        assert (args.forget, args.retain, args.holdout, args.refusals) == ("f.jsonl", None, None, None)
     atec = evaluate.parse_args(["--model_path", "judge", "--test_data", "t", "--user_out_path", "u", "--out", "o"])
     assert (atec.model_path, atec.out) == ("judge", "o")
 

@@ -129,6 +129,23 @@ def add_evaluated_model_args(parser: argparse.ArgumentParser, family: str | None
     bool_arg(group, "--trust_remote_code", False, "allow the model folder's own Python code to run")
 
 
+EVALUATION_SETS = {
+    "forget": "items that were to be forgotten (MIA members)",
+    "retain": "items to keep",
+    "holdout": "items like the forget set, never trained on (MIA non-members)",
+    "general": "general-knowledge questions with reference answers",
+    "refusals": "refusal sentences, one a line (refusal rate)",
+}
+
+
+def add_evaluation_sets(parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(EVALUATION_SETS)) -> None:
+    """The evaluation sets of the audit commands, one vocabulary: ``--forget`` (required), ``--retain``,
+    ``--holdout``, ``--general`` (JSONL in the training format) and ``--refusals`` (text)."""
+    group = parser.add_argument_group("sets (JSONL in the training format; at least --forget)")
+    for name in names:
+        group.add_argument(f"--{name}", required=name == "forget", help=EVALUATION_SETS[name])
+
+
 def bool_arg(group: argparse._ArgumentGroup, name: str, default: bool, help: str) -> None:  # noqa: A002
     """Add ``--name [true|false]``: a bare ``--name`` means true, ``--name false`` means false (also yes/no, 1/0)."""
     group.add_argument(name, type=str2bool, nargs="?", const=True, default=default, metavar="{true,false}",
