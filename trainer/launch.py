@@ -102,7 +102,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
     ``from_pretrained`` partition the weights while loading."""
     import torch
 
-    from trainer.unlearn_trainer import UnlearnTrainingArguments
+    from trainer.config import UnlearnTrainingArguments
 
     # Without CUDA: use_cpu (else transformers refuses bf16 autocast on CPU), and with several processes gloo
     # (else every process would train alone, world size 1, all of them writing the same run folder).

@@ -299,8 +299,8 @@ DIFFERENT_ON_PURPOSE = {"save_steps": 1}
 
 def test_warmup_rounds_down_as_the_original(tmp_path):
     """The original: int(warmup_ratio * total_steps); 30 steps at 0.05 → 1 (transformers' own ceil gives 2)."""
+    from trainer.config import UnlearnTrainingArguments
     from trainer.recipe import build_parser, build_training_args
-    from trainer.unlearn_trainer import UnlearnTrainingArguments
 
     parsed = build_parser("me_gd", "").parse_args(["--model_path", "m"])
     assert build_training_args(parsed, tmp_path, False).get_warmup_steps(30) == 1

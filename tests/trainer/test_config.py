@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
+from trainer.config import DualWeight, UnlearnTrainingArguments
 from trainer.losses import LossSettings
-from trainer.unlearn_trainer import DualWeight, UnlearnTrainingArguments
 
 
 def test_the_config_holds_every_loss_hyper_parameter_with_its_papers_default():
