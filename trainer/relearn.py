@@ -40,6 +40,7 @@ def relearn(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str,
     is merged in). ``on_look(step, model)`` is called after each optimizer step listed in ``look_at`` (the model
     in eval mode for the call). Returns the model and the number of optimizer steps taken."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
 
     from dataset.encoding import encode_qa
 
@@ -73,6 +74,7 @@ def relearn(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str,
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collator,
                           callbacks=[Look()])
+        trainer.remove_callback(PrinterCallback)  # no dict of run metrics on screen; the log line below says it
         steps = trainer.train().global_step
     if settings.lora:
         model = model.merge_and_unload()
