@@ -23,6 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ["ME+GD", "IDK+AP", "NPO+GD", "RMU"]
+READING = (
+    "Reading it (measured 2026-12-01 at the defaults): R near 0 means the forget answers come back far faster than "
+    "the control learns them, i.e. they were hidden; the control's own level (0.69: the facts repeat the person's "
+    "name from the question, so a model that never saw them scores well above 0) is the floor to compare with, "
+    "not 0. The probe leak rate counts ROUGE-L recall >= 0.5, which the control reaches on every item for the same "
+    "reason: compare the worst-case recall in the verdicts with the control's. An rtt recovery below 0 means the "
+    "held-out facts stay below the control's level. Quantisation brings knowledge back only when unlearning's "
+    "updates stay inside the 4-bit buckets (Zhang et al.: lr ~1e-5); these adapters were trained at lr 1e-3.")
 FAMILY = "smollm2"
 
 
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(f"| {method} | {f(report['baseline']['model'][HEADLINE])} | " + " | ".join(cells)
                      + f" | {minutes:.1f} |")
     lines += ["", f"Control: {sum(control_res['minutes'].values()):.1f} minutes (once for all methods); "
-              f"original: {sum(original['minutes'].values()):.1f}.", ""]
+              f"original: {sum(original['minutes'].values()):.1f}.", "", READING, ""]
     for method, (report, _) in reports.items():
         lines += [f"- {method}: " + "; ".join(e["verdict"] for e in report["attacks"].values())]
     text = "\n".join(lines) + "\n"
