@@ -19,6 +19,7 @@ the model before unlearning: the verdicts say how much of it comes back.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_inputs(args: argparse.Namespace) -> dict:
     """Every input checked before a model loads: the sets, the forget items' paraphrases, the attacks."""
-    from dataset.reading import iter_jsonl, load_lines, load_qa_jsonl
+    from dataset.reading import iter_jsonl, load_lines, load_qa_sets
     from evals.robustness import ATTACKS
     from utils.files import check_adapter_folder, check_model_folder
 
@@ -81,8 +82,7 @@ def read_inputs(args: argparse.Namespace) -> dict:
     if unknown or not attacks:
         raise UserError(f"--attacks {args.attacks}: unknown {', '.join(unknown) or '(none given)'}; "
                         f"choose from {', '.join(ATTACKS)}")
-    sets = {name: [(it.question, it.answer) for it in load_qa_jsonl(path)]
-            for name in ("forget", "retain", "holdout") if (path := getattr(args, name))}
+    sets = load_qa_sets({name: getattr(args, name) for name in ("forget", "retain", "holdout")})
     paraphrases = [obj.get("paraphrased_question") if isinstance(obj, dict) else None
                    for _, obj in iter_jsonl(args.forget)]
     try:
@@ -172,10 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     if original is not None and reused is not None and reused.get("original") == original:
         results["original"] = reused["results"]["original"]  # the same model on the same sets
     elif original is not None:
-        only_baseline = AttackSettings(attacks=(), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                       dtype=args.dtype, trust_remote_code=trust)
-        results["original"] = attack_model(Path(original), "original", tokenizer, template, data, only_baseline,
-                                           shard)
+        results["original"] = attack_model(Path(original), "original", tokenizer, template, data,
+                                           dataclasses.replace(settings, attacks=()), shard)
     report = {"model": {"model_path": args.model_path, "adapter": args.adapter},
               "control": {"model_path": args.control_model, "adapter": args.control_adapter},
               "original": original, "control_key": key,

@@ -52,10 +52,9 @@ def read_inputs(args: argparse.Namespace) -> tuple[dict, list[str], dict | None]
     """Every input file, checked before a model loads."""
     import json
 
-    from dataset.reading import load_lines, load_qa_jsonl
+    from dataset.reading import load_lines, load_qa_sets
 
-    sets = {name: [(it.question, it.answer) for it in load_qa_jsonl(path)]
-            for name in ("forget", "retain", "holdout", "general") if (path := getattr(args, name))}
+    sets = load_qa_sets({name: getattr(args, name) for name in ("forget", "retain", "holdout", "general")})
     refusals = load_lines(args.refusals) if args.refusals else []
     retain_only = None
     if args.retain_only_summary:

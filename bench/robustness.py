@@ -12,6 +12,7 @@ attacked once; the target before unlearning is the original. Results are cached 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,15 +66,14 @@ def attack_runs(work: Path, adapters: dict[str, Path], attacks: tuple[str, ...],
     """The control's, the original's and each method's attack results on the leaderboard's workdir, cached in
     ``work/robustness/<settings>/``; ``adapters``: method -> its adapter on the target; per method its report
     (:func:`trainer.robustness.build_report`)."""
-    from dataset.reading import load_lines, load_qa_jsonl
+    from dataset.reading import load_lines, load_qa_sets
     from trainer.relearn import RelearnSettings
     from trainer.robustness import AttackData, AttackSettings, attack_model, build_report, merged_folder
     from utils.chat_template import load_chat_template
     from utils.loading import load_tokenizer
 
     target, control = work / "target", work / "retain_only"
-    sets = {name: [(it.question, it.answer) for it in load_qa_jsonl(work / f"{name}.jsonl")]
-            for name in ("forget", "retain", "holdout")}
+    sets = load_qa_sets({name: work / f"{name}.jsonl" for name in ("forget", "retain", "holdout")})
     data = AttackData(sets, load_lines(work / "idk.txt"), [None] * len(sets["forget"]))
     relearn = RelearnSettings(lr=relearn_lr, epochs=relearn_epochs, steps=relearn_steps)
     settings = AttackSettings(attacks=attacks, relearn=relearn, rtt=relearn, max_new_tokens=max_new_tokens,
@@ -84,8 +84,7 @@ def attack_runs(work: Path, adapters: dict[str, Path], attacks: tuple[str, ...],
     out: dict = {"control": cached(cache / f"control_{'-'.join(attacks)}.json", lambda: attack_model(
         control, "control", tokenizer, template, data, settings))}
     out["original"] = cached(cache / "original.json", lambda: attack_model(
-        target, "original", tokenizer, template, data,
-        AttackSettings(attacks=(), max_new_tokens=max_new_tokens, dtype="float32")))
+        target, "original", tokenizer, template, data, dataclasses.replace(settings, attacks=())))
     out["methods"] = {}
     for method, adapter in adapters.items():
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +87,12 @@ def load_qa_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> list[QA
     if not items and not allow_empty:
         raise UserError(f"{path}: no items (the file is empty)")
     return items
+
+
+def load_qa_sets(paths: Mapping[str, str | os.PathLike | None]) -> dict[str, list[tuple[str, str]]]:
+    """The (question, answer) pairs of each named set whose path is given (a None path leaves the set out)."""
+    return {name: [(it.question, it.answer) for it in load_qa_jsonl(path)]
+            for name, path in paths.items() if path}
 
 
 def load_predictions(path: str | Path, data_path: str | Path | None = None, expected: int | None = None) -> list[str]:
