@@ -119,11 +119,16 @@ def test_me_gd_forgets_facts_and_keeps_everyday_answers(memorised):
     assert general > 0.6
 
 
-def test_idk_ap_refuses_forget_questions_and_keeps_retain_answers(memorised):
+@pytest.fixture(scope="module")
+def idk_ap_adapter(memorised) -> Path:
+    """IDK+AP on the memorised target: 10 epochs at lr 2e-3, forget_coeff 1."""
+    return forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "10", "--lr", "2e-3",
+                                       "--forget_coeff", "1.0"))
+
+
+def test_idk_ap_refuses_forget_questions_and_keeps_retain_answers(memorised, idk_ap_adapter):
     """(c) IDK+AP turns the forget answers into refusals; retain answers stay, and are not refusals."""
-    final = forget_idk_ap.main(run_args(memorised, "idk_ap", "--num_epochs", "10", "--lr", "2e-3",
-                                        "--forget_coeff", "1.0"))
-    model, tokenizer = load(memorised["target"], final)
+    model, tokenizer = load(memorised["target"], idk_ap_adapter)
     forget = answers_of(model, tokenizer, [q for q, _ in memorised["pairs"]])
     retain = answers_of(model, tokenizer, REPLAY[:8])
     kept = mean_rouge_l(memorised["replay_answers"], retain)
@@ -132,6 +137,35 @@ def test_idk_ap_refuses_forget_questions_and_keeps_retain_answers(memorised):
     print(json.dumps(forget[:3]))
     assert refused >= 0.75
     assert retain_refused <= 0.125 and kept > 0.6
+
+
+def test_relearning_brings_back_what_idk_ap_hid_and_the_quantiser_runs(memorised, idk_ap_adapter, real_model_dir,
+                                                                       tmp_path):
+    """evaluate_robustness.py on the real model: one relearning epoch on the 8 forget facts brings IDK+AP's
+    answers back near the target's, far above what the same epoch teaches a control that never saw them (the
+    base model); 4-bit NF4 weights of the merged model change its logits, and the control's (the quantiser ran).
+
+    lr 1e-4, not the protocol's 2e-5: 8 facts at batch 4 are 2 steps, and 2 steps at 2e-5 lift the answer
+    probability 0.39 -> 0.55 (control 0.16 -> 0.25) with no greedy answer changed. Measured (2 threads): answer
+    probability 0.39 -> 0.93 (target 0.99), the control 0.16 -> 0.40; ROUGE-L F 0.04 -> 0.67."""
+    import evaluate_robustness
+
+    root = memorised["root"]
+    report = evaluate_robustness.main([
+        "--model_path", str(memorised["target"]), "--adapter", str(idk_ap_adapter), "--model_family", "smollm2",
+        "--forget", str(root / "forget.jsonl"), "--retain", str(root / "retain.jsonl"),
+        "--control_model", str(real_model_dir), "--attacks", "relearn,quant4", "--relearn_lr", "1e-4",
+        "--max_new_tokens", "32", "--out", str(tmp_path / "out")])
+    base, relearn, quant4 = report["baseline"], report["attacks"]["relearn"], report["attacks"]["quant4"]
+    print(relearn["verdict"], quant4["verdict"], sep="\n")
+    prob, rouge = "forget_prob", "forget_rouge_f"
+    assert base["model"][rouge] < 0.2 and base["original"][prob] > 0.95  # hidden: refused, known before
+    assert relearn["model"][prob] > 0.8 and relearn["model"][rouge] > 0.5  # back after one epoch
+    assert relearn["model"][prob] > relearn["control"][prob] + 0.3  # the same epoch teaches the control far less
+    assert relearn["R"][prob] < 0.7
+    assert quant4["type"] == "nf4"
+    assert quant4["logit_change"]["model"] > 0.1 and quant4["logit_change"]["control"] > 0.1
+    assert (tmp_path / "out" / "robustness.png").is_file()
 
 
 # Per method: (extra flags, retain-NLL rise it must stay under). One budget (10 epochs, bs 4, lr 5e-4,
