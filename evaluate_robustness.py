@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     relearn.add_argument("--relearn_curve", default="",
                          help="comma-separated steps to score on the way (e.g. 10,25,50,100; the last one is the "
                               "attack's length)")
-    relearn.add_argument("--relearn_batch_size", type=int, default=4, help="batch size")
+    relearn.add_argument("--relearn_batch_size", type=int, default=4,
+                         help="one optimizer step's batch (over all processes under accelerate launch)")
     bool_arg(relearn, "--relearn_lora", False, "relearn a fresh LoRA adapter instead of every weight")
     relearn.add_argument("--rtt_folds", type=int, default=5, help="rtt: parts of the forget facts")
     relearn.add_argument("--rtt_epochs", type=float, default=None, help="rtt: epochs (default --relearn_epochs)")
@@ -158,17 +159,22 @@ def main(argv: list[str] | None = None) -> dict:
         trust_remote_code=trust)
     data = AttackData(inputs["sets"], inputs["refusals"], inputs["paraphrases"])
     shard = current_shard()
+    if {"relearn", "rtt"} & set(settings.attacks) and args.relearn_batch_size % shard.world:
+        raise UserError(f"--relearn_batch_size {args.relearn_batch_size} does not split over {shard.world} "
+                        "processes (it is one step's batch over all of them)")
     tokenizer = load_tokenizer(args.model_path, args.adapter, trust_remote_code=trust)
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
-        folder = merged_folder(args.model_path, args.adapter, args.dtype, trust, Path(tmp) / "model")
+        folder = merged_folder(args.model_path, args.adapter, args.dtype, trust, Path(tmp) / "model", shard)
         results["model"] = attack_model(folder, "model", tokenizer, template, data, settings, shard)
         if reused is not None:
             logger.info("the control's results are taken from %s", args.reuse_control)
             results["control"] = reused["results"]["control"]
         else:
-            control = merged_folder(args.control_model, args.control_adapter, args.dtype, trust, Path(tmp) / "ctl")
+            control = merged_folder(args.control_model, args.control_adapter, args.dtype, trust, Path(tmp) / "ctl",
+                                    shard)
             results["control"] = attack_model(control, "control", tokenizer, template, data, settings, shard)
+        shard.barrier()  # the main process's folders go with its temporary directory: every process is done
     if original is not None and reused is not None and reused.get("original") == original:
         results["original"] = reused["results"]["original"]  # the same model on the same sets
     elif original is not None:

@@ -46,6 +46,16 @@ class Shard:
             raise RuntimeError(f"sharded evaluation lost items {missing[:5]} (of {total})")
         return [merged[i] for i in range(total)]
 
+    def share(self, value: Any) -> Any:
+        """The main process's ``value``, on every process."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import evaluate_robustness
-from tests.conftest import REFUSALS, run_script
+from tests.conftest import REFUSALS, launch_two_processes, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +158,41 @@ def test_a_model_that_never_saw_the_facts_stays_low_under_every_attack(world, tm
                                       "1e-3", "--relearn_steps", "8", "--rtt_folds", "4", "--out",
                                       str(tmp_path / "again"), "--reuse_control", str(first / "robustness.json")])
     assert again["results"]["control"] == report["results"]["control"]
+
+
+def test_two_processes_give_the_one_process_report(world, tmp_path):
+    """Under accelerate launch (2 gloo processes) the evaluations split by batch and relearning is one DDP run
+    with the same global batch: the report equals the one-process report (relearned weights to float
+    rounding)."""
+    import math
+
+    common = ["--model_path", str(world["target"]), "--adapter", str(world["adapter"]), *sets_args(world),
+              "--attacks", "relearn,quant8,probe", "--relearn_lr", "1e-3", "--relearn_steps", "4",
+              "--batch_size", "3"]
+    one = evaluate_robustness.main([*common, "--out", str(tmp_path / "one")])
+    proc = launch_two_processes("evaluate_robustness.py", [*common, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "robustness.json").read_text())
+    one = json.loads(json.dumps(one))  # the file's types (tuples as lists)
+    assert two["attacks"]["relearn"]["steps"] == one["attacks"]["relearn"]["steps"] == 4
+    assert one["attacks"]["relearn"]["model"]["forget_rouge_f"] > one["baseline"]["model"]["forget_rouge_f"] + 0.2
+    for part in ("baseline", "attacks"):
+        flat_one, flat_two = flatten(one[part]), flatten(two[part])
+        assert flat_one.keys() == flat_two.keys()
+        for key, value in flat_one.items():
+            if ".minutes." in key:
+                continue
+            if isinstance(value, float) and not math.isnan(value):
+                assert flat_two[key] == pytest.approx(value, abs=2e-3), key
+            elif not key.endswith("verdict"):
+                assert flat_two[key] == value, key
+    assert not (tmp_path / "two" / "robustness.json").with_name(".robustness.json.tmp").exists()
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def test_bad_inputs_are_one_line_before_any_model_loads(world, tmp_path, capsys):

@@ -97,17 +97,22 @@ def method_settings(args: argparse.Namespace) -> dict:
             "pdu_dual_step_size": args.pdu_dual_step_size, **params}
 
 
+def device_settings() -> dict:
+    """``TrainingArguments`` fields for where this process runs. Without CUDA: ``use_cpu`` (else transformers
+    refuses bf16 autocast on CPU), and with several processes the gloo backend (else every process trains alone,
+    world size 1, on the same batches)."""
+    import torch
+
+    cpu = not torch.cuda.is_available()
+    cpu_ddp = cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return {"use_cpu": cpu, "ddp_backend": "gloo" if cpu_ddp else None, "dataloader_pin_memory": not cpu}
+
+
 def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
     """The run's ``TrainingArguments``. Build them before the model: under DeepSpeed ZeRO-3 they make
     ``from_pretrained`` partition the weights while loading."""
-    import torch
-
     from trainer.config import UnlearnTrainingArguments
 
-    # Without CUDA: use_cpu (else transformers refuses bf16 autocast on CPU), and with several processes gloo
-    # (else every process would train alone, world size 1, all of them writing the same run folder).
-    cpu = not torch.cuda.is_available()
-    cpu_ddp = cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accumulation = args.gradient_accumulation_steps
     if accumulation is None:
         accumulation = launch_accumulation()
@@ -133,10 +138,8 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
         remove_unused_columns=False,  # batches are nested dicts of named parts
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         save_only_model=False,
-        use_cpu=cpu,
-        ddp_backend="gloo" if cpu_ddp else None,
+        **device_settings(),  # use_cpu, gloo under several CPU processes, pinned memory on CUDA
         **method_settings(args),
     )
 

@@ -35,15 +35,21 @@ class RelearnSettings:
 
 def relearn(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str, str]],
             settings: RelearnSettings = RelearnSettings(), look_at: Sequence[int] = (),
-            on_look: Callable[[int, object], None] | None = None):
+            on_look: Callable[[int, object], None] | None = None, processes: int = 1):
     """Fine-tune ``model`` in place on ``pairs`` and return it (in eval mode; with ``settings.lora`` the adapter
     is merged in). ``on_look(step, model)`` is called after each optimizer step listed in ``look_at`` (the model
-    in eval mode for the call). Returns the model and the number of optimizer steps taken."""
+    in eval mode for the call). Returns the model and the number of optimizer steps taken.
+
+    ``settings.batch_size`` is the batch of one optimizer step over all ``processes`` (the Trainer's DDP under
+    ``accelerate launch``): each process takes its share, so 2 processes take the steps one process takes."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from dataset.encoding import encode_qa
+    from trainer.launch import device_settings
 
+    if settings.batch_size % processes:
+        raise ValueError(f"a relearning batch of {settings.batch_size} does not split over {processes} processes")
     samples = [encode_qa(tokenizer, template, q, a, max_length=settings.max_length, mask=True) for q, a in pairs]
     samples = [{**s, "attention_mask": [1] * len(s["input_ids"])} for s in samples if s is not None]
     if not samples:
@@ -66,11 +72,13 @@ def relearn(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str,
     with tempfile.TemporaryDirectory(prefix="relearn-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, num_train_epochs=settings.epochs, max_steps=settings.steps or -1,
-            per_device_train_batch_size=settings.batch_size, learning_rate=settings.lr,
+            per_device_train_batch_size=settings.batch_size // processes, learning_rate=settings.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, seed=settings.seed,
             save_strategy="no", report_to=[], logging_strategy="no", disable_tqdm=True,
-            dataloader_pin_memory=False,
+            ddp_find_unused_parameters=False, **device_settings(),
         )
+        if args.world_size != processes:
+            raise RuntimeError(f"relearning sees {args.world_size} processes, the evaluation {processes}")
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
         trainer = Trainer(model=model, args=args, train_dataset=samples, data_collator=collator,
                           callbacks=[Look()])

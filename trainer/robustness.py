@@ -48,17 +48,24 @@ class AttackData:
     paraphrases: Sequence[str | None] = field(default_factory=list)
 
 
-def merged_folder(model_path: str | Path, adapter: str | Path | None, dtype: str, trust: bool, tmp: Path) -> Path:
-    """The folder attacks load from: ``model_path`` itself, or with ``adapter`` merged in (written to ``tmp``)."""
+def merged_folder(model_path: str | Path, adapter: str | Path | None, dtype: str, trust: bool, tmp: Path,
+                  shard: Shard = SINGLE) -> Path:
+    """The folder attacks load from: ``model_path`` itself, or with ``adapter`` merged in, written to the main
+    process's ``tmp`` (transformers saves on rank 0 only once a process group is up); every process gets that
+    folder, after it is written."""
     if adapter is None:
         return Path(model_path)
-    from utils.loading import load_for_eval
+    if shard.is_main:
+        from utils.loading import load_for_eval
 
-    model, tokenizer = load_for_eval(model_path, adapter, dtype, trust)
-    model = model.merge_and_unload()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return tmp
+        model, tokenizer = load_for_eval(model_path, adapter, dtype, trust)
+        model = model.merge_and_unload()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del model
+    folder = Path(shard.share(str(tmp)))
+    shard.barrier()
+    return folder
 
 
 def logit_change(full, quantised, tokenizer, template: ChatTemplate, pair: tuple[str, str]) -> float:
@@ -134,7 +141,8 @@ def attack_model(folder: Path, who: str, tokenizer, template: ChatTemplate, data
             looks: list = []
             model, steps = relearn(scorer.fresh(trains=True), tokenizer, template, forget, settings.relearn,
                                    look_at=settings.curve[:-1],
-                                   on_look=lambda step, m, looks=looks: looks.append(scorer.metrics(m)))
+                                   on_look=lambda step, m, looks=looks: looks.append(scorer.metrics(m)),
+                                   processes=shard.world)
             res["relearn"] = scorer.metrics(model)
             res["relearn_steps"] = steps
             if settings.curve:
@@ -144,7 +152,8 @@ def attack_model(folder: Path, who: str, tokenizer, template: ChatTemplate, data
             rows: list = []
             for held in parts:
                 model, _ = relearn(scorer.fresh(trains=True), tokenizer, template,
-                                   [p for i, p in enumerate(forget) if i not in held], settings.rtt)
+                                   [p for i, p in enumerate(forget) if i not in held], settings.rtt,
+                                   processes=shard.world)
                 rows += scorer.log(model, {"forget": [forget[i] for i in held]})["forget"]
             res["rtt"] = metrics_of({"forget": rows})
             res["rtt_folds"] = parts
