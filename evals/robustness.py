@@ -75,6 +75,35 @@ def metrics_of(log: Mapping[str, Sequence[Mapping]]) -> dict[str, float | None]:
     return out
 
 
+GENERATED = frozenset({"forget_rouge_f", "forget_rouge_recall", "forget_answered", "retain_rouge_f"})
+
+
+def quick_metrics(model, tokenizer, template, sets: Mapping[str, Sequence[tuple[str, str]]], generate: bool = False,
+                  max_new_tokens: int = 32, batch_size: int = 8, shard=None) -> dict[str, float]:
+    """:func:`metrics_of` the model as it is (left in the mode it was in): scoring passes only, and greedy answers
+    (the ROUGE-L metrics) with ``generate``; the metrics that cannot be computed are left out. Every process of
+    ``shard`` scores its share and gets every number."""
+    from evals.generation import generate_with_model
+    from evals.sampling import GenerationConfig
+    from evals.shard import SINGLE
+    from evals.unlearning import evaluate_sets
+
+    shard = shard or SINGLE
+    config = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def answers(prompts: list[str]) -> list[str]:
+        return generate_with_model(model, tokenizer, prompts, config, shard=shard) if generate else [""] * len(prompts)
+
+    was_training = model.training
+    model.eval()
+    try:
+        log = evaluate_sets(model, tokenizer, template, dict(sets), [], answers, gradnorm=False,
+                            batch_size=batch_size, shard=shard)
+    finally:
+        model.train(was_training)
+    return {k: v for k, v in metrics_of(log).items() if v is not None and (generate or k not in GENERATED)}
+
+
 def relearn_robustness(model_before: float, model_after: float, control_before: float, control_after: float
                        ) -> float:
     """``R = min(delta_control / delta_model, 1)``, clipped to [0, 1]; 1 when the model's metric does not rise.

@@ -116,6 +116,29 @@ def add_unlearn_args(
                      help="a checkpoint folder, or 'latest' for the newest checkpoint-epoch-N of the run")
     bool_arg(out, "--overwrite", False, "replace a finished run folder's final adapter")
 
+    during = parser.add_argument_group("evaluation during training and the stopping rule (docs/evaluation.md)")
+    during.add_argument("--eval_strategy", default=None, choices=["no", "steps", "epoch"],
+                        help="score the model on the evaluation sets before the first step and then every "
+                             "--eval_steps steps or at each epoch's end (default: steps when --eval_steps is "
+                             "given, else no)")
+    during.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps")
+    during.add_argument("--eval_forget", default=None, help="evaluation forget set (default: --forget_data_path)")
+    during.add_argument("--eval_retain", default=None, help="evaluation retain set (default: --retain_data_path)")
+    during.add_argument("--eval_holdout", default=None,
+                        help="items like the forget set, never trained on: MIA AUCs of forget vs holdout")
+    bool_arg(during, "--eval_generate", False, "also greedy answers (ROUGE-L): slower than the scoring passes")
+    during.add_argument("--eval_max_new_tokens", type=int, default=32, help="--eval_generate: answer length")
+    during.add_argument("--eval_batch_size", type=int, default=8, help="evaluation batch size")
+    during.add_argument("--select", default="none",
+                        help="the rule that picks the step saved to <run>/selected/: best:<metric> or "
+                             "first_below:<metric>=<value> (e.g. a retain-only model's value: MUSE's rule); "
+                             "metrics: forget_prob, forget_em, forget_es, auc_loss, ..., retain_prob")
+    during.add_argument("--utility_metric", default="retain_prob", choices=["retain_prob", "retain_rouge_f"],
+                        help="--select: the utility the floor holds")
+    during.add_argument("--utility_floor", type=float, default=0.8,
+                        help="--select: only steps keeping at least this share of the starting model's utility "
+                             "(0.8: OpenUnlearning's 20 %% filter; 0: no floor)")
+
     bool_arg(parser, "--eval_tofu", False, "after training, evaluate on TOFU (the four --*_path sets below) and "
                                            "write the summary to <run>/tofu_eval/")
     parser.add_argument("--tofu_retain_result", default=None,

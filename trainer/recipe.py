@@ -99,6 +99,43 @@ def build_dataset(args: argparse.Namespace, tokenizer, template, data: TrainingD
                                seed=args.seed)
 
 
+def eval_plan(args: argparse.Namespace):
+    """The run's evaluation during training (settings and sets), checked before any model loads; (None, {})
+    when it does not evaluate."""
+    from dataset.reading import load_qa_sets
+    from evals.robustness import GENERATED
+    from trainer.selection import EvalSettings, parse_rule
+
+    strategy = args.eval_strategy or ("steps" if args.eval_steps else "no")
+    rule = parse_rule(args.select)
+    if strategy == "no":
+        if rule is not None:
+            raise UserError(f"--select {args.select} picks among evaluated steps: give --eval_steps N or "
+                            "--eval_strategy epoch")
+        return None, {}
+    if strategy == "steps" and args.eval_steps < 1:
+        raise UserError("--eval_strategy steps needs --eval_steps N (N >= 1)")
+    if deepspeed_zero_stage() == 3:
+        raise UserError("evaluation during training under DeepSpeed ZeRO-3: each process holds only a slice of the "
+                        "weights; train with ZeRO-2 (accelerate_config.yaml), or evaluate the saved checkpoints")
+    if not 0 <= args.utility_floor <= 1:
+        raise UserError("--utility_floor must be in [0, 1]")
+    if args.eval_batch_size < 1 or args.eval_max_new_tokens < 1:
+        raise UserError("--eval_batch_size and --eval_max_new_tokens must be at least 1")
+    needs_answers = {m for m in (rule.metric if rule else None, args.utility_metric) if m in GENERATED}
+    if needs_answers and not args.eval_generate:
+        raise UserError(f"{', '.join(sorted(needs_answers))} needs greedy answers: add --eval_generate")
+    if rule is not None and rule.metric.startswith("auc_") and not args.eval_holdout:
+        raise UserError(f"--select {args.select}: the MIA AUCs compare forget with holdout items; give "
+                        "--eval_holdout")
+    sets = load_qa_sets({"forget": args.eval_forget or args.forget_data_path,
+                         "retain": args.eval_retain or args.retain_data_path, "holdout": args.eval_holdout})
+    settings = EvalSettings(strategy=strategy, steps=args.eval_steps, generate=args.eval_generate,
+                            max_new_tokens=args.eval_max_new_tokens, batch_size=args.eval_batch_size, rule=rule,
+                            utility_metric=args.utility_metric, utility_floor=args.utility_floor)
+    return settings, sets
+
+
 def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     """Every check that needs no model: fails in seconds, before anything heavy is loaded."""
     template = load_chat_template(args.model_family, args.model_config)
@@ -126,6 +163,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         set_paths(args)
         if args.tofu_retain_result:
             load_log(args.tofu_retain_result, "--tofu_retain_result")
+    eval_plan(args)
     if args.report_to != "none":
         import importlib.util
 
@@ -153,6 +191,26 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     return out_dir, template, data
 
 
+def _clear_selection(out_dir: Path, resume: str | None) -> None:
+    """A fresh run starts with no selected step; a resumed one keeps a selection made up to its checkpoint."""
+    import shutil
+
+    from trainer.selection import SELECTED_DIR, SELECTION_FILE
+
+    record = out_dir / SELECTION_FILE
+    step = None
+    if resume is not None and record.is_file():
+        from transformers import TrainerState
+
+        chosen = json.loads(record.read_text(encoding="utf-8")).get("step")
+        last = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).global_step
+        step = chosen if chosen is not None and chosen <= last else None
+    if step is None:
+        record.unlink(missing_ok=True)
+        if (out_dir / SELECTED_DIR).exists():
+            shutil.rmtree(out_dir / SELECTED_DIR)
+
+
 def _trim_log(path: Path, last_step: int) -> None:
     """On resume, drop log rows written after the checkpoint (they will be logged again)."""
     if path.is_file():
@@ -170,6 +228,7 @@ def train(args: argparse.Namespace) -> Path:
     from trainer.unlearn_trainer import UnlearnTrainer
 
     out_dir, template, data = validate(args)
+    during, eval_sets = eval_plan(args)
     resume = _resolve_resume(args, out_dir)
     bf16 = use_bf16(args)
     training_args = build_training_args(args, out_dir, bf16)  # before the model: ZeRO-3 partitions it as it loads
@@ -214,6 +273,16 @@ def train(args: argparse.Namespace) -> Path:
                   "max_grad_norm": training_args.max_grad_norm,
                   "world_size": training_args.world_size, "train_items": len(dataset), "resumed_from": resume}
         write_json(out_dir / ARGS_FILE, record)
+        _clear_selection(out_dir, resume)
+    if during is not None:
+        from trainer.selection import EvalCallback, eval_rows
+
+        trainer.accelerator.wait_for_everyone()  # the main process has trimmed the log before any reads it
+        rows = []
+        if resume is not None and (out_dir / LOG_FILE).is_file():
+            rows = eval_rows([json.loads(x) for x in (out_dir / LOG_FILE).read_text(encoding="utf-8").splitlines()
+                              if x.strip()])
+        trainer.add_callback(EvalCallback(trainer, tokenizer, template, eval_sets, out_dir, during, rows))
     logger.info("training %s on %d forget items for %d epoch%s -> %s", args.loss_type, len(dataset), args.num_epochs,
                 "" if args.num_epochs == 1 else "s",
                 out_dir)
