@@ -63,3 +63,12 @@ def test_equal_trials_disjoint_splits_and_a_resumed_study_that_does_not_repeat(t
     text = (tmp_path / "tune.md").read_text()
     assert "| ME+GD |" in text and "| NPO+GD |" in text and "±" in text
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_default_command_has_a_space_for_every_method_it_names():
+    from bench import tune
+    from trainer.losses import LOSSES
+
+    args = tune.parse_args([])
+    assert args.model == "smollm2" and args.trials >= 1 and args.seeds == 3
+    assert set(args.methods) <= set(tune.SPACES) and set(tune.SPACES) <= set(LOSSES)
