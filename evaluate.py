@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.details_path:
         check_output_free(args.details_path, args.overwrite, "--details_path")
     use_judge = args.model_path.lower() != "none"
+    if not use_judge and (args.judge_api_base or args.judge_replay):
+        raise UserError(f"{'--judge_api_base' if args.judge_api_base else '--judge_replay'} needs --model_name "
+                        "(the judge model: the served model's name, or the one the record was made with)")
     keys = [it.name_key for it in items]
     check_categories(args, items, use_judge)
     prompt = load_judge_prompt(args.judge_prompt)
@@ -265,9 +268,9 @@ def main(argv: list[str] | None = None) -> dict:
             write_record(record_path, head, rows)
         verdicts, counts = combine(rows)
         replies = {r["index"]: r["reply"] for r in rows if r["order"] == "original_first"}
-        if counts["failed"]:
+        if counts["failed_calls"]:
             logger.warning("%d of %d judge calls failed (see %s): their items are left out of the win rate",
-                           counts["failed"], counts["calls"], record_path or args.judge_replay)
+                           counts["failed_calls"], counts["calls"], record_path or args.judge_replay)
     try:
         result = atec_score(keys, [it.answer for it in items], unlearned, verdicts,
                             allow_missing=args.allow_missing_categories)

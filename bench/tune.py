@@ -52,6 +52,8 @@ def objective_score(metrics: Mapping[str, float], start: Mapping[str, float],
     privacy = max(0.0, 1.0 - 2.0 * abs(metrics["auc_loss"] - 0.5))
     utility = min(metrics["retain_prob"] / start["retain_prob"], 1.0)
     parts = (efficacy, privacy, utility)
+    if not all(math.isfinite(p) for p in parts):  # a diverged run (NaN losses): it scores nothing
+        return {"efficacy": efficacy, "privacy": privacy, "utility": utility, "score": 0.0}
     score = 0.0 if utility < utility_filter or min(parts) <= 0 else len(parts) / sum(1.0 / p for p in parts)
     return {"efficacy": efficacy, "privacy": privacy, "utility": utility, "score": score}
 
@@ -153,9 +155,11 @@ def score(world: Mapping, adapter: Path | None, split: str, generate: bool = Fal
 
 def start_metrics(world: Mapping) -> dict[str, float]:
     """The target's own metrics on the validation split (cached): the utility the filter holds."""
+    from utils.files import write_json
+
     path = world["work"] / "start.json"
     if not path.is_file():
-        path.write_text(json.dumps(score(world, None, "val")))
+        write_json(path, score(world, None, "val"))
     return json.loads(path.read_text())
 
 
@@ -198,10 +202,15 @@ def tune(world: Mapping, method: str, args: argparse.Namespace, start: Mapping) 
         shutil.rmtree(run, ignore_errors=True)  # the numbers are in the study; the adapter is not needed again
         return parts["score"]
 
-    remaining = args.trials - len(done)
-    if remaining > 0:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, n_trials=remaining)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for _ in range(3):  # a trial that raised is not counted: run more until every method has --trials finished
+        remaining = args.trials - len(done)
+        if remaining <= 0:
+            break
+        study.optimize(objective, n_trials=remaining, catch=(RuntimeError, ValueError))
+        done = finished(study)
+    if len(done) < args.trials:
+        raise SystemExit(f"{method}: only {len(done)} of {args.trials} trials finished (see {storage})")
     return study
 
 
@@ -219,6 +228,8 @@ def chosen_settings(study) -> dict:
 
 def test_runs(world: Mapping, method: str, settings: Mapping, seeds: int, start: Mapping) -> list[dict]:
     """The chosen settings on the test split, one run per seed (each cached with the settings it ran)."""
+    from utils.files import write_json
+
     rows = []
     for k in range(seeds):
         seed = 1001 + k
@@ -233,7 +244,7 @@ def test_runs(world: Mapping, method: str, settings: Mapping, seeds: int, start:
         test_start = {"retain_prob": start["retain_prob"]}
         row = {"settings": dict(settings), "seed": seed, "metrics": metrics,
                "parts": objective_score(metrics, test_start), "minutes": (time.perf_counter() - begin) / 60}
-        cache.write_text(json.dumps(row))
+        write_json(cache, row)
         rows.append(row)
     return rows
 

@@ -250,5 +250,6 @@ def atec_score(name_keys: Sequence[str], golds: Sequence[str], answers: Sequence
         judge = {k: sum(1 for v in verdicts.values() if v == k) for k in ("win", "tie", "loss")}
         judge["failed"] = sum(1 for d in details if d["category"] == "qa" and d["verdict"] == "failed")
         win_rate = _mean(per["qa"])  # win 1, tie and loss 0
-        score = combine_score(win_rate, noun, choice, privacy)
+        # qa items, but no verdict at all (every judge call failed): no score, rather than one without the judge
+        score = None if counts["qa"] and win_rate is None else combine_score(win_rate, noun, choice, privacy)
     return AtecResult(privacy, noun, choice, win_rate, score, counts, judge, details, missing)

@@ -90,18 +90,21 @@ class ServiceJudge:
         import openai
 
         try:
-            served = [m.id for m in self.client.with_options(max_retries=1).models.list()]
+            served = list(self.client.with_options(max_retries=1).models.list())
         except openai.APIConnectionError as err:
             raise UserError(f"--judge_api_base {self.api_base}: the server cannot be reached ({err}); is it "
                             "running (vllm serve MODEL --port N) and is the address right?") from None
         except openai.APIStatusError as err:
             raise UserError(f"--judge_api_base {self.api_base}: the server answered {err.status_code} to "
                             f"GET /models ({err.message})") from None
-        if self.model not in served:
+        ids = [m.id for m in served]
+        if self.model not in ids:
             raise UserError(f"--model_name {self.model}: the server at {self.api_base} serves "
-                            f"{', '.join(served) or 'no model'}; pass one of them")
-        self.server_model = self.model
-        return self.model
+                            f"{', '.join(ids) or 'no model'}; pass one of them")
+        entry = served[ids.index(self.model)]
+        # what the server says it runs: vLLM's `root` (the weights' path or hub id) when it gives one
+        self.server_model = getattr(entry, "root", None) or entry.id
+        return self.server_model
 
     def call(self, index: int, order: str, text: str) -> dict:
         """One recorded call (never raises for a failed request: the record says why)."""
@@ -117,8 +120,8 @@ class ServiceJudge:
             verdict, why = verdict_and_reason(reply)
             row.update(reply=reply, error=None, verdict=verdict, why=why, attempts=raw.retries_taken + 1,
                        served_model=completion.model)
-        except openai.APIError as err:  # after the client's retries: connection, timeout, status
-            status = getattr(err, "status_code", None)
+        except Exception as err:  # noqa: BLE001 - after the client's retries; a malformed reply too: recorded
+            status = getattr(err, "status_code", None) if isinstance(err, openai.APIError) else None
             row.update(reply=None, error=f"{type(err).__name__}{f' {status}' if status else ''}: {err}",
                        verdict=None, why="the call failed; the item is left out of the win rate",
                        attempts=None, served_model=None)
@@ -158,7 +161,7 @@ def combine(rows: Sequence[Mapping]) -> tuple[dict[int, str], dict]:
     by_item: dict[int, dict[str, Mapping]] = {}
     for row in rows:
         by_item.setdefault(row["index"], {})[row["order"]] = row
-    counts = {"calls": len(rows), "failed": sum(r["verdict"] is None for r in rows),
+    counts = {"calls": len(rows), "failed_calls": sum(r["verdict"] is None for r in rows),
               "no_think": sum(r["verdict"] is not None and "</think>" not in (r["reply"] or "") for r in rows),
               "no_verdict_word": sum((r.get("why") or "").startswith("no verdict word") for r in rows)}
     verdicts: dict[int, str] = {}
@@ -239,7 +242,7 @@ def replayed(rows: Sequence[Mapping], jobs: Sequence[tuple[int, str, str]], path
 
 
 def summary_line(counts: Mapping) -> str:
-    text = (f"judge calls: {counts['calls']}, failed {counts['failed']}, without </think> {counts['no_think']} "
+    text = (f"judge calls: {counts['calls']}, failed {counts['failed_calls']}, without </think> {counts['no_think']} "
             f"(ties by the competition's rule), no verdict word {counts['no_verdict_word']}")
     if "order_disagreements" in counts:
         rate = counts["first_slot_win_rate"]

@@ -96,8 +96,9 @@ def test_judge_counts_with_fixed_replies(target, tmp_path, monkeypatch):
     paths = qa_set(tmp_path)
     record = evaluate.main(judge_args(paths, target["model"], tmp_path / "s.jsonl",
                                       "--details_path", str(tmp_path / "d.jsonl")))
-    assert record["judge"] == {"win": 2, "tie": 2, "loss": 0, "failed": 0, "calls": 4, "no_think": 1,
-                               "no_verdict_word": 1}  # 平 after </think>: no verdict word; "赢" alone: no </think>
+    assert record["judge"] == {"win": 2, "tie": 2, "loss": 0, "failed": 0, "calls": 4, "failed_calls": 0,
+                               "no_think": 1, "no_verdict_word": 1}
+    # (平 after </think>: no verdict word; "赢" alone: no </think>)
     assert record["participant_win"] == 0.5
     assert record["score"] == pytest.approx(11 / 12, abs=1e-7)
     assert len(seen["prompts"]) == 4 and seen["config"].max_new_tokens == 8192 and seen["config"].temperature == 0.6

@@ -122,6 +122,9 @@ def eval_plan(args: argparse.Namespace):
         raise UserError("--utility_floor must be in [0, 1]")
     if args.eval_batch_size < 1 or args.eval_max_new_tokens < 1:
         raise UserError("--eval_batch_size and --eval_max_new_tokens must be at least 1")
+    if rule is not None and rule.metric == "forget_answered":
+        raise UserError("--select best:forget_answered: the refusal rate is not scored during training (no "
+                        "refusal list); select on forget_prob, forget_em or forget_es")
     needs_answers = {m for m in (rule.metric if rule else None, args.utility_metric) if m in GENERATED}
     if needs_answers and not args.eval_generate:
         raise UserError(f"{', '.join(sorted(needs_answers))} needs greedy answers: add --eval_generate")
@@ -191,22 +194,27 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
     return out_dir, template, data
 
 
-def _clear_selection(out_dir: Path, resume: str | None) -> None:
-    """A fresh run starts with no selected step; a resumed one keeps a selection made up to its checkpoint."""
+def _clear_selection(out_dir: Path, resume: str | None, rule: str = "") -> None:
+    """A fresh run starts with no selected step; a resumed one keeps a selection (its record inside
+    ``selected/``) made under the same rule up to its checkpoint."""
     import shutil
 
     from trainer.selection import SELECTED_DIR, SELECTION_FILE
 
-    record = out_dir / SELECTION_FILE
-    step = None
+    record = out_dir / SELECTED_DIR / SELECTION_FILE
+    keep = False
     if resume is not None and record.is_file():
         from transformers import TrainerState
 
-        chosen = json.loads(record.read_text(encoding="utf-8")).get("step")
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = {}
         last = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).global_step
-        step = chosen if chosen is not None and chosen <= last else None
-    if step is None:
-        record.unlink(missing_ok=True)
+        keep = (saved.get("step") is not None and saved["step"] <= last
+                and (not rule or saved.get("rule") == rule))
+    if not keep:
+        (out_dir / SELECTION_FILE).unlink(missing_ok=True)
         if (out_dir / SELECTED_DIR).exists():
             shutil.rmtree(out_dir / SELECTED_DIR)
 
@@ -273,7 +281,7 @@ def train(args: argparse.Namespace) -> Path:
                   "max_grad_norm": training_args.max_grad_norm,
                   "world_size": training_args.world_size, "train_items": len(dataset), "resumed_from": resume}
         write_json(out_dir / ARGS_FILE, record)
-        _clear_selection(out_dir, resume)
+        _clear_selection(out_dir, resume, str(during.rule) if during and during.rule else "")
     if during is not None:
         from trainer.selection import EvalCallback, eval_rows
 

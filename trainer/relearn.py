@@ -54,6 +54,10 @@ def relearn(model, tokenizer, template: ChatTemplate, pairs: Sequence[tuple[str,
     samples = [{**s, "attention_mask": [1] * len(s["input_ids"])} for s in samples if s is not None]
     if not samples:
         raise ValueError("no pair has an answer token to relearn")
+    if processes > 1 and len(samples) % settings.batch_size:
+        logger.warning("%d pairs are not a multiple of the relearning batch %d: over %d processes the last step is "
+                       "filled by repeating the first pairs, so it differs from a 1-process run", len(samples),
+                       settings.batch_size, processes)
     if settings.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -11,13 +11,14 @@ FINAL_DIR = "final_lora_model"
 FULL_DIR = "final_model"  # --lora_r 0: the whole model, nothing to merge
 
 
-def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
+def save_final(trainer, out_dir: Path, name: str = FINAL_DIR, extra_json: dict | None = None) -> Path:
     """Save adapter (or whole model) + tokenizer to a temporary folder, then swap it in as ``name``
     (:func:`utils.files.replace_folder`: a kill leaves the previous final folder or the new one, never neither).
-    An adapter saved without weights (ZeRO-3 that did not gather them) is an error, not a finished folder."""
+    An adapter saved without weights (ZeRO-3 that did not gather them) is an error, not a finished folder.
+    ``extra_json``: files (name -> object) written into the folder before it is swapped in."""
     import shutil
 
-    from utils.files import recover_folder, replace_folder
+    from utils.files import recover_folder, replace_folder, write_json
 
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     if trainer.is_world_process_zero():
@@ -33,8 +34,10 @@ def save_final(trainer, out_dir: Path, name: str = FINAL_DIR) -> Path:
         if empty:
             raise RuntimeError(f"the saved weights in {tmp} are empty ({', '.join(empty[:3])}, ...): nothing was "
                                "gathered from the processes; the final folder was not written")
+        for file_name, obj in (extra_json or {}).items():
+            write_json(tmp / file_name, obj)
         replace_folder(tmp, final)
-        logger.info("saved the final %s to %s", "model" if name == FULL_DIR else "adapter", final)
+        logger.info("saved the %s to %s", "model" if name == FULL_DIR else "adapter", final)
     trainer.accelerator.wait_for_everyone()
     return final
 

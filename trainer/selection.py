@@ -95,8 +95,11 @@ def choose(rows: Sequence[Mapping], rule: SelectRule, utility_metric: str = "ret
         return value is not None and not (isinstance(value, float) and math.isnan(value))
 
     floor = None if start is None else utility_floor * start
-    kept = [r for r in rows[1:] if usable(r)
-            and (floor is None or (r.get(PREFIX + utility_metric) or -math.inf) >= floor)]
+    def kept_utility(row: Mapping) -> bool:
+        value = row.get(PREFIX + utility_metric)
+        return floor is None or (value is not None and value >= floor)
+
+    kept = [r for r in rows[1:] if usable(r) and kept_utility(r)]
     where = (f"{utility_metric} >= {utility_floor:g} x the starting {start:.4g}" if floor is not None
              else f"no {utility_metric} to hold a floor against")
     if not kept:
@@ -139,10 +142,17 @@ class EvalCallback(TrainerCallback):
         self.out_dir, self.settings = out_dir, settings
         self.shard = Shard(trainer.accelerator.process_index, trainer.accelerator.num_processes)
         self.rows = [dict(r) for r in rows]
-        self.chosen_step = None
-        if settings.rule is not None:
+        self.chosen_step = saved_step(out_dir, settings.rule)
+        if settings.rule is not None and self.rows:
             row, _ = choose(self.rows, settings.rule, settings.utility_metric, settings.utility_floor)
-            self.chosen_step = None if row is None else row["step"]
+            if row is not None and row["step"] != self.chosen_step:
+                # resumed after the chosen step's weights were replaced by a later, unfinished choice: choose
+                # again among the steps from here on (step 0 stays the utility reference)
+                last = max(r["step"] for r in self.rows)
+                logger.warning("step %d's weights (chosen before the resume) are not in %s/: the selection "
+                               "starts again among the steps after %d", row["step"], SELECTED_DIR, last)
+                self.rows = [r for r in self.rows if r["step"] == 0]
+                self.chosen_step = None
 
     def metrics(self) -> dict[str, float]:
         """The model as it is now, scored on the evaluation sets."""
@@ -167,11 +177,12 @@ class EvalCallback(TrainerCallback):
         from trainer.saving import save_final
         from utils.files import write_json
 
-        save_final(self.trainer, self.out_dir, SELECTED_DIR)
+        record = self.record(row, why)
+        # the record goes into the folder before it is swapped in: weights and record change together
+        save_final(self.trainer, self.out_dir, SELECTED_DIR, extra_json={SELECTION_FILE: record})
         self.chosen_step = row["step"]
         if self.shard.is_main:
-            write_json(self.out_dir / SELECTED_DIR / SELECTION_FILE, self.record(row, why))
-            write_json(self.out_dir / SELECTION_FILE, self.record(row, why))
+            write_json(self.out_dir / SELECTION_FILE, record)
         logger.info("selected step %d: %s", row["step"], why)
 
     def record(self, row: Mapping | None, why: str) -> dict:
@@ -211,6 +222,20 @@ class EvalCallback(TrainerCallback):
             logger.warning("--select %s chose no step: %s; %s/ was not written", self.settings.rule, why,
                            SELECTED_DIR)
         return control
+
+
+def saved_step(out_dir: Path, rule: SelectRule | None) -> int | None:
+    """The step whose weights are in ``<run>/selected/`` under ``rule`` (its own record says so), or None."""
+    import json
+
+    record = out_dir / SELECTED_DIR / SELECTION_FILE
+    if rule is None or not record.is_file():
+        return None
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return saved.get("step") if saved.get("rule") == str(rule) else None
 
 
 def eval_rows(rows: Sequence[Mapping]) -> list[dict]:

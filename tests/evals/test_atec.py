@@ -119,6 +119,8 @@ def test_atec_score_hand_value():
     failed = atec_score(KEYS, GOLDS, ANSWERS, {5: "win"})
     assert failed.participant_win == 1.0 and failed.judge == {"win": 1, "tie": 0, "loss": 0, "failed": 1}
     assert [d.get("verdict") for d in failed.details if d["category"] == "qa"] == ["win", "failed"]
+    nothing = atec_score(KEYS, GOLDS, ANSWERS, {})  # every judge call failed: no score, not one without the judge
+    assert nothing.score is None and nothing.judge["failed"] == 2
     skipped = atec_score(KEYS, GOLDS, ANSWERS, None)
     assert skipped.score is None and skipped.participant_win is None and skipped.choice_acc == 0.5
 

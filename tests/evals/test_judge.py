@@ -24,7 +24,7 @@ MODEL = "judge-model"
 
 class Scripted(BaseHTTPRequestHandler):
     """By the question in the judge message: 重试 fails twice with 500 then answers 输, 挂起 never answers in
-    time, 无思考 answers without </think>, anything else answers 赢."""
+    time, 无思考 answers without </think>, 坏 answers 200 with no choice, anything else answers 赢."""
 
     seen: list[dict] = []
     counts: dict[str, int] = {}
@@ -47,12 +47,15 @@ class Scripted(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Scripted.seen.append(body)
         text = body["messages"][0]["content"]
-        key = next((k for k in ("重试", "挂起", "无思考") if k in text), "other")
+        key = next((k for k in ("重试", "挂起", "无思考", "坏") if k in text), "other")
         Scripted.counts[key] = Scripted.counts.get(key, 0) + 1
         if key == "重试" and Scripted.counts[key] <= 2:
             return self.reply(500, {"error": {"message": "overloaded", "type": "server_error"}})
         if key == "挂起":
             time.sleep(1.5)
+        if key == "坏":  # 200, but no choice in it: a malformed reply
+            return self.reply(200, {"id": "c", "object": "chat.completion", "created": 0, "model": MODEL,
+                                    "choices": []})
         content = {"重试": "<think>想一想</think>输", "无思考": "回答1更好", "挂起": "</think>平"}.get(key,
                                                                                              "<think>…</think>赢")
         self.reply(200, {"id": "c", "object": "chat.completion", "created": 0, "model": MODEL,
@@ -83,11 +86,11 @@ def server():
 def qa_files(tmp_path) -> dict:
     valid = [conv("Q1", "alpha beta", "privacy_1"), conv("Q2", "x y", "noun_definition_1"),
              conv("Q3", "【答案】B", "choice_1"), conv("重试的问题", "g", "qa_1"), conv("挂起的问题", "g", "qa_2"),
-             conv("无思考的问题", "g", "qa_3"), conv("普通问题", "g", "qa_4")]
+             conv("无思考的问题", "g", "qa_3"), conv("普通问题", "g", "qa_4"), conv("坏的问题", "g", "qa_5")]
     paths = {"valid": tmp_path / "v.jsonl", "pred": tmp_path / "p.jsonl", "orig": tmp_path / "o.jsonl"}
     write_jsonl(paths["valid"], valid)
-    write_jsonl(paths["pred"], [{"text": a} for a in ["zzz", "x y", "【答案】B", "新1", "新2", "新3", "新4"]])
-    write_jsonl(paths["orig"], [{"text": a} for a in ["o", "o", "o", "原1", "原2", "原3", "原4"]])
+    write_jsonl(paths["pred"], [{"text": a} for a in ["zzz", "x y", "【答案】B", "新1", "新2", "新3", "新4", "新5"]])
+    write_jsonl(paths["orig"], [{"text": a} for a in ["o", "o", "o", "原1", "原2", "原3", "原4", "原5"]])
     return paths
 
 
@@ -105,18 +108,19 @@ def test_retries_timeouts_and_replies_without_think_are_counted_and_recorded(ser
                                     "--judge_timeout", "0.5", "--judge_retries", "2", "--judge_concurrency", "2",
                                     "--temperature", "0.6", "--top_k", "20"))
     judge = record["judge"]
-    # 重试: win after two 500s; 挂起: every attempt times out -> failed; 无思考: a tie; 普通: 赢 -> loss
-    assert (judge["win"], judge["tie"], judge["loss"], judge["failed"]) == (1, 1, 1, 1)
-    assert judge["calls"] == 4 and judge["no_think"] == 1
+    # 重试: win after two 500s; 挂起: every attempt times out -> failed; 无思考: a tie; 普通: 赢 -> loss;
+    # 坏: a malformed reply -> failed, the other calls kept
+    assert (judge["win"], judge["tie"], judge["loss"], judge["failed"]) == (1, 1, 1, 2)
+    assert judge["calls"] == 5 and judge["failed_calls"] == 2 and judge["no_think"] == 1
     assert record["participant_win"] == pytest.approx(1 / 3)  # the failed item is out of the win rate
     assert Scripted.counts["重试"] == 3 and Scripted.counts["挂起"] == 3  # 1 + 2 retries each
     lines = [json.loads(x) for x in Path(f"{out}.judge.jsonl").read_text(encoding="utf-8").splitlines()]
     head, calls = lines[0], {c["request"]["messages"][0]["content"][:200]: c for c in lines[1:]}
     assert head["type"] == "header" and head["server_model"] == MODEL and head["sampling"]["top_k"] == 20
-    by_q = {next(q for q in ("重试", "挂起", "无思考", "普通") if q in text): c for text, c in calls.items()}
+    by_q = {next(q for q in ("重试", "挂起", "无思考", "普通", "坏") if q in text): c for text, c in calls.items()}
     assert by_q["重试"]["attempts"] == 3 and by_q["重试"]["verdict"] == "win" and by_q["重试"]["latency_s"] > 0
     assert by_q["挂起"]["verdict"] is None and "Timeout" in by_q["挂起"]["error"]
-    assert by_q["无思考"]["why"].startswith("no </think>")
+    assert by_q["无思考"]["why"].startswith("no </think>") and by_q["坏"]["verdict"] is None
     assert by_q["普通"]["request"]["extra_body"] == {"top_k": 20} and by_q["普通"]["request"]["seed"] == 0
     assert Scripted.seen[0]["top_k"] == 20 and Scripted.seen[0]["model"] == MODEL  # extra_body reached the server
     assert "sk-secret" not in Path(f"{out}.judge.jsonl").read_text() + out.read_text()
@@ -156,6 +160,9 @@ def test_an_unreachable_server_or_a_wrong_model_is_one_line_before_any_output(se
     args[args.index(MODEL)] = "another-model"
     code, err = run_script(evaluate, args, capsys)
     assert code == 2 and "serves judge-model; pass one of them" in err
+    no_judge = [a for a in args_for(qa_files, out, "--judge_api_base", base) if a not in ("--model_name", MODEL)]
+    code, err = run_script(evaluate, no_judge, capsys)
+    assert code == 2 and "--judge_api_base needs --model_name" in err
     assert not out.exists() and not Path(f"{out}.judge.jsonl").exists()
 
 
@@ -171,4 +178,4 @@ def test_both_orders_combine_and_report_the_position_bias():
     verdicts, counts = combine(rows)
     assert verdicts == {0: "win", 1: "tie"}
     assert counts["order_disagreements"] == 1 and counts["pairs_both_orders"] == 2
-    assert counts["first_slot_win_rate"] == pytest.approx(3 / 4) and counts["failed"] == 1
+    assert counts["first_slot_win_rate"] == pytest.approx(3 / 4) and counts["failed_calls"] == 1

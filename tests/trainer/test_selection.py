@@ -147,6 +147,7 @@ def test_bad_evaluation_options_stop_before_training(target, tmp_path, capsys):
         (["--eval_strategy", "steps"], "needs --eval_steps N"),
         (["--eval_steps", "2", "--select", "best:auc_loss"], "give --eval_holdout"),
         (["--eval_steps", "2", "--select", "best:forget_rouge_f"], "add --eval_generate"),
+        (["--eval_steps", "2", "--select", "best:forget_answered"], "not scored during training"),
         (["--eval_steps", "2", "--eval_holdout", str(tmp_path / "none.jsonl")], "none.jsonl"),
     ):
         code, err = run_script(forget_me_gd, base_args(target, tmp_path, *extra), capsys)
@@ -157,17 +158,20 @@ def test_bad_evaluation_options_stop_before_training(target, tmp_path, capsys):
 def test_a_resumed_run_keeps_only_a_selection_made_up_to_its_checkpoint(tmp_path):
     from trainer.recipe import _clear_selection
 
-    def run_with_selection_at(step: int) -> Path:
+    def run_with_selection_at(step: int, rule: str = "best:forget_prob") -> Path:
         (tmp_path / "selected").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "selection.json").write_text(json.dumps({"step": step}))
+        for path in (tmp_path / "selected" / "selection.json", tmp_path / "selection.json"):
+            path.write_text(json.dumps({"step": step, "rule": rule}))
         return tmp_path
 
     checkpoint = tmp_path / "checkpoint-epoch-2"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 8, "log_history": []}))
-    _clear_selection(run_with_selection_at(8), str(checkpoint))
+    _clear_selection(run_with_selection_at(8), str(checkpoint), "best:forget_prob")
     assert (tmp_path / "selected").is_dir() and (tmp_path / "selection.json").is_file()
-    _clear_selection(run_with_selection_at(12), str(checkpoint))  # chosen after the checkpoint: gone
+    _clear_selection(run_with_selection_at(8), str(checkpoint), "best:forget_es")  # another rule: gone
+    assert not (tmp_path / "selected").exists()
+    _clear_selection(run_with_selection_at(12), str(checkpoint), "best:forget_prob")  # after the checkpoint
     assert not (tmp_path / "selected").exists() and not (tmp_path / "selection.json").exists()
     _clear_selection(run_with_selection_at(4), None)  # a fresh run starts with none
     assert not (tmp_path / "selected").exists()
