@@ -16,7 +16,6 @@ of the two answers, the full request, the raw reply, latency, attempts, error, v
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -249,7 +248,3 @@ def summary_line(counts: Mapping) -> str:
         text += (f"; both orders: {counts['order_disagreements']} of {counts['pairs_both_orders']} pairs disagree, "
                  f"first slot wins {'-' if rate is None else f'{rate:.2f}'}")
     return text
-
-
-def dump(row: Mapping) -> str:
-    return json.dumps(row, ensure_ascii=False)

@@ -99,16 +99,22 @@ def base_args(target: dict, tmp_path: Path, *extra: str) -> list[str]:
             "--idk_data_path", str(target["idk"]), "--save_root", str(tmp_path / "adapter"), *extra]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on at 127.0.0.1 now (the default 29500 may be held by another run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_two_processes(script: str, argv: list[str]):
     """``accelerate launch`` of a top-level script on two gloo processes (config/accelerate_cpu.yaml) on a free
     port; returns the finished ``subprocess.CompletedProcess``."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:  # a free port: the default 29500 may be held by another run
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "config/accelerate_cpu.yaml",
            "--main_process_port", str(port), script, *argv]

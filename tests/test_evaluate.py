@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import evaluate
-from tests.conftest import run_script
+from tests.conftest import free_port, run_script
 from utils.files import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,8 +255,6 @@ def serve(model: Path, port: int, log: Path):
 def test_the_judge_in_process_and_as_a_vllm_server_agree(small_set, target, tmp_path):
     """The in-process vLLM judge, then a real `vllm serve` of the same model asked through --judge_api_base with
     the same seed and prompt: the same replies and verdicts; the record replays to the same score."""
-    import socket
-
     sampling = ["--judge_max_tokens", "8", "--temperature", "0.6", "--top_p", "0.9", "--top_k", "20"]
     common = ["--model_name", str(target["model"]), "--test_data", str(small_set["valid"]), "--user_out_path",
               str(small_set["pred"]), "--we_out_path", str(small_set["orig"]), *sampling]
@@ -265,9 +263,7 @@ def test_the_judge_in_process_and_as_a_vllm_server_agree(small_set, target, tmp_
     proc = subprocess.run([sys.executable, "evaluate.py", *common, "--out_path", str(local), "--backend", "vllm",
                            "--max_model_len", "512"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = serve(target["model"], port, tmp_path / "serve.log")
     try:
         remote = tmp_path / "remote.jsonl"

@@ -199,20 +199,15 @@ def _clear_selection(out_dir: Path, resume: str | None, rule: str = "") -> None:
     ``selected/``) made under the same rule up to its checkpoint."""
     import shutil
 
-    from trainer.selection import SELECTED_DIR, SELECTION_FILE
+    from trainer.selection import SELECTED_DIR, SELECTION_FILE, saved_record
 
-    record = out_dir / SELECTED_DIR / SELECTION_FILE
+    saved = saved_record(out_dir)
     keep = False
-    if resume is not None and record.is_file():
+    if resume is not None and saved.get("step") is not None:
         from transformers import TrainerState
 
-        try:
-            saved = json.loads(record.read_text(encoding="utf-8"))
-        except ValueError:
-            saved = {}
         last = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).global_step
-        keep = (saved.get("step") is not None and saved["step"] <= last
-                and (not rule or saved.get("rule") == rule))
+        keep = saved["step"] <= last and (not rule or saved.get("rule") == rule)
     if not keep:
         (out_dir / SELECTION_FILE).unlink(missing_ok=True)
         if (out_dir / SELECTED_DIR).exists():

@@ -224,18 +224,22 @@ class EvalCallback(TrainerCallback):
         return control
 
 
-def saved_step(out_dir: Path, rule: SelectRule | None) -> int | None:
-    """The step whose weights are in ``<run>/selected/`` under ``rule`` (its own record says so), or None."""
+def saved_record(out_dir: Path) -> dict:
+    """The record inside ``<run>/selected/`` (which step's weights are there, under which rule), or {}."""
     import json
 
     record = out_dir / SELECTED_DIR / SELECTION_FILE
-    if rule is None or not record.is_file():
-        return None
     try:
-        saved = json.loads(record.read_text(encoding="utf-8"))
+        saved = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
     except ValueError:
-        return None
-    return saved.get("step") if saved.get("rule") == str(rule) else None
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def saved_step(out_dir: Path, rule: SelectRule | None) -> int | None:
+    """The step whose weights are in ``<run>/selected/`` under ``rule``, or None."""
+    saved = saved_record(out_dir)
+    return saved.get("step") if rule is not None and saved.get("rule") == str(rule) else None
 
 
 def eval_rows(rows: Sequence[Mapping]) -> list[dict]:

@@ -5,7 +5,6 @@ an unreachable server or a wrong model name is one line before anything is writt
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +14,7 @@ import pytest
 
 import evaluate
 from evals.judge import ORDERS, combine
-from tests.conftest import run_script
+from tests.conftest import free_port, run_script
 from tests.test_evaluate import conv
 from utils.files import write_jsonl
 
@@ -149,9 +148,7 @@ def test_a_replay_refuses_another_prompt_unless_forced(server, qa_files, tmp_pat
 
 def test_an_unreachable_server_or_a_wrong_model_is_one_line_before_any_output(server, qa_files, tmp_path, capsys):
     base, _ = server
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()
     out = tmp_path / "s.jsonl"
     code, err = run_script(evaluate, args_for(qa_files, out, "--judge_api_base", f"http://127.0.0.1:{closed}/v1",
                                               "--judge_retries", "0"), capsys)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DRY = os.environ.get("GPU_CHECK_DRY_RUN") == "1"
@@ -100,9 +101,7 @@ def train(setup: dict, model: str, out: Path, mode: str, loss: str, cpu: bool = 
         argv += ["--lora_r", "0"]
     launch = [sys.executable]
     if mode in ("zero2", "zero3"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                   str(ROOT / "accelerate_config.yaml"), "--num_processes", "1", "--mixed_precision", "bf16",
                   "--gradient_accumulation_steps", "1", "--main_process_port", str(port)]

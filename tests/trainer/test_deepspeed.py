@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 import forget_me_gd
-from tests.conftest import base_args
+from tests.conftest import base_args, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "accelerate_config.yaml"
@@ -42,9 +41,7 @@ ZERO3 = ("--zero_stage", "3", "--zero3_init_flag", "true", "--zero3_save_16bit_m
 def launch_deepspeed(script: str, argv: list[str], *launch: str) -> subprocess.CompletedProcess:
     """``accelerate launch --config_file accelerate_config.yaml <CPU overrides> <launch> script argv`` on a free
     port, DeepSpeed on its CPU accelerator."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(SHIPPED), *CPU_OVERRIDES,
            *launch, "--main_process_port", str(port), script, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

@@ -7,13 +7,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,9 +35,7 @@ def test_the_originals_deepspeed_launch_clipped_at_one_on_a_twice_divided_gradie
     config["deepspeed_config"]["gradient_accumulation_steps"] = 4
     config.update(num_processes=1, mixed_precision="no")
     (tmp_path / "original.yaml").write_text(yaml.safe_dump(config))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(tmp_path / "original.yaml"), "--main_process_port", str(port),
                            str(Path(__file__).with_name("original_deepspeed_loop.py"))], cwd=ROOT,
