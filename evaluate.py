@@ -146,13 +146,14 @@ def in_process_calls(args: argparse.Namespace, jobs: list[tuple[int, str, str]])
     else:
         logger.warning("the judge's tokenizer has no chat template: the prompts are sent as plain text")
         prompts = texts
-    config = GenerationConfig(max_new_tokens=args.judge_max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+    sampling = judge_sampling(args)  # what the service is sent, so what the record says, is what runs here
+    config = GenerationConfig(max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                              top_p=sampling.top_p, top_k=sampling.top_k,
+                              repetition_penalty=sampling.repetition_penalty, seed=sampling.seed,
                               batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size,
                               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                              trust_remote_code=args.trust_remote_code, seed=args.seed)
+                              trust_remote_code=args.trust_remote_code)
     replies = generate(args.model_path, prompts, config, backend=args.backend) if prompts else []
-    sampling = judge_sampling(args)
     return [{"type": "call", "index": i, "order": order, "request": request_of(args.model_path, text, sampling),
              "reply": reply, "error": None, **dict(zip(("verdict", "why"), verdict_and_reason(reply), strict=True)),
              "attempts": 1, "latency_s": None, "served_model": None}
