@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ GOOD = {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "val
 
 
 def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
 
@@ -50,6 +52,12 @@ BAD_TRAINING_INPUTS = [
     ("resume from a non-checkpoint", lambda t, p: {"--resume_from_checkpoint": str(p)},
      ["--resume_from_checkpoint", "not a training checkpoint"]),
     ("warm-up ratio out of range", lambda t, p: {"--warmup_ratio": "1.5"}, ["--warmup_ratio", "[0, 1)"]),
+    ("accelerate config that does not exist", lambda t, p: {"--config_file": "acelerate_config.yaml"},
+     ["--config_file acelerate_config.yaml", "file not found", "accelerate launch --config_file FILE"]),
+    ("max_steps 0", lambda t, p: {"--max_steps": "0"}, ["--max_steps", "at least 1"]),
+    ("unfinished run folder", lambda t, p: {"--output_dir": str(write(
+        p / "run" / "checkpoint-epoch-2" / "trainer_state.json", "{}").parents[1])},
+     ["holds an unfinished run", "checkpoint-epoch-2", "--resume_from_checkpoint latest", "--overwrite"]),
 ]
 
 
@@ -94,6 +102,30 @@ def test_progress_bar_shows_losses_instead_of_printing_a_dict_per_step(target, t
     forget_me_gd.main(training_argv(target, tmp_path, {"--num_epochs": "1", "--bs": "4", "--logging_steps": "1"}))
     out = capsys.readouterr()
     assert "{'loss'" not in out.out + out.err and "forget_loss=" in out.err
+    assert "train_runtime" not in out.out + out.err  # the end is one line, not the Trainer's dict of strings
+    assert re.search(r"trained 4 steps \(1 epochs\) in [\d.]+ s \([\d.]+ steps/s\), mean loss -?[\d.]+",
+                     out.out + out.err)
+
+
+def test_the_seed_command_line_says_what_it_does_not_read(target, tmp_path, capsys, caplog, monkeypatch):
+    """The seed's `--config_file accelerate_config.yaml` after the script name and no data paths: one warning each
+    (accelerate did not read the file; the repository's demo data is what trains); --max_steps stops the run;
+    an --overwrite run drops the earlier run's checkpoints."""
+    monkeypatch.chdir(ROOT)  # the default data paths are relative to the repository, as the original's
+    argv = ["--model_path", str(target["model"]), "--model_family", "tiny", "--config_file",
+            "accelerate_config.yaml", "--max_steps", "2", "--output_dir", str(tmp_path / "run"), "--max_length", "64"]
+    final = forget_me_gd.main(argv)
+    log = [json.loads(x) for x in (final.parent / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) == 2  # 2 of the 96-item epoch's steps
+    assert not (tmp_path / "run" / "checkpoint-epoch-1").exists()
+    assert "--config_file accelerate_config.yaml after the script name is not read" in caplog.text
+    assert "no --forget_data_path / --retain_data_path given: training on the repository's demo data (96 forget" \
+        in caplog.text
+    caplog.clear()
+    (tmp_path / "run" / "checkpoint-epoch-9").mkdir()
+    forget_me_gd.main([*argv, "--overwrite", "--forget_data_path", str(target["forget"]), "--retain_data_path",
+                       str(target["retain"])])
+    assert "demo data" not in caplog.text and not (tmp_path / "run" / "checkpoint-epoch-9").exists()
 
 
 @pytest.mark.slow
@@ -119,6 +151,9 @@ def test_ctrl_c_leaves_one_line_and_the_default_run_resumes(target, tmp_path):
     said = [line for line in err.splitlines() if line.startswith("interrupted")]
     assert len(said) == 1 and said[0].startswith("interrupted: the last complete checkpoint is")
     assert "--resume_from_checkpoint latest" in said[0] and "Traceback" not in err
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)  # forgot the resume flag
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr[-2000:]
+    assert "unfinished run (last checkpoint checkpoint-epoch-" in again.stderr
     resumed = subprocess.run([*cmd, "--resume_from_checkpoint", "latest"], cwd=ROOT, env=env, capture_output=True,
                              text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

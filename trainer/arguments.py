@@ -7,6 +7,10 @@ import argparse
 from evals.tofu_cli import add_tofu_set_args
 from utils.cli import add_model_args, bool_arg
 
+# the repository's demo split, the original scripts' default paths (a run that trains on them says so)
+DEFAULT_FORGET = "./data/forget/forget.jsonl"
+DEFAULT_RETAIN = "./data/retain/retain.jsonl"
+
 
 def add_unlearn_args(
     parser: argparse.ArgumentParser, *, loss_type: str, max_length: int, forget_coeff: float, loss_choices: list[str],
@@ -16,12 +20,13 @@ def add_unlearn_args(
     """The training scripts' arguments (names, meanings and defaults as the original scripts'), per-script defaults."""
     add_model_args(parser, model_path=None, family="qwen2.5-8b")
     parser.add_argument("--config_file", default=None,
-                        help="accepted and ignored, so the original command lines keep working; accelerate reads "
-                             "its config from `accelerate launch --config_file FILE script.py` (before the script)")
+                        help="accepted so the original command lines keep working, but not read (a warning says so; "
+                             "a missing file is an error): accelerate reads its config only before the script name, "
+                             "`accelerate launch --config_file FILE script.py`")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--forget_data_path", default="./data/forget/forget.jsonl", help="JSONL of items to forget")
-    data.add_argument("--retain_data_path", default="./data/retain/retain.jsonl", help="JSONL of items to keep")
+    data.add_argument("--forget_data_path", default=DEFAULT_FORGET, help="JSONL of items to forget")
+    data.add_argument("--retain_data_path", default=DEFAULT_RETAIN, help="JSONL of items to keep")
     data.add_argument("--idk_data_path", default="./data/idontknow.jsonl",
                       help="refusal sentences, one a line (losses with IDK/DPO/AP parts)")
     data.add_argument("--max_length", type=int, default=max_length, help="token limit of each formatted sample")
@@ -67,6 +72,8 @@ def add_unlearn_args(
 
     train = parser.add_argument_group("training")
     train.add_argument("--num_epochs", type=int, default=num_epochs, help="passes over the forget set")
+    train.add_argument("--max_steps", type=int, default=-1,
+                       help="stop after this many optimizer steps (overrides --num_epochs; -1: --num_epochs decides)")
     train.add_argument("--bs", type=int, default=1, help="per-device batch size (forget items per step)")
     train.add_argument("--gradient_accumulation_steps", type=int, default=None,
                        help="default: accelerate's config value when launched by it, else 1")

@@ -119,6 +119,7 @@ def build_training_args(args: argparse.Namespace, out_dir: Path, bf16: bool):
     return UnlearnTrainingArguments(
         output_dir=str(out_dir),
         num_train_epochs=args.num_epochs,
+        max_steps=getattr(args, "max_steps", -1),
         per_device_train_batch_size=args.bs,
         gradient_accumulation_steps=accumulation,
         learning_rate=args.lr,

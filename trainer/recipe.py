@@ -6,7 +6,9 @@ import argparse
 import copy
 import json
 import logging
+import os
 import string
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -186,12 +188,58 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         logger.warning("--loss_type %s with --mask false: the forget loss also covers the question, which the "
                        "model never memorised (the method's papers train on answers; SimNPO, for one, starts "
                        "saturated and does not move). Pass --mask true unless you mean it.", args.loss_type)
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise UserError("--max_steps must be at least 1 (or -1: --num_epochs decides)")
+    check_config_file(args)
+    warn_demo_data(args, data)
     out_dir = resolve_output_dir(args)
     final = out_dir / final_dir_name(args)
     if final.exists() and not args.overwrite and args.resume_from_checkpoint is None:
         raise UserError(f"{final} already exists; pass --overwrite to replace it "
                         "or choose another --output_dir")
+    check_unfinished(args, out_dir, final)
     return out_dir, template, data
+
+
+def check_config_file(args: argparse.Namespace) -> None:
+    """``--config_file`` after the script name (as the original command lines write it) is not read by anything:
+    accelerate takes its config only before the script name. Say so, and refuse a file that does not exist."""
+    if args.config_file is None:
+        return
+    if not Path(args.config_file).is_file():
+        raise UserError(f"--config_file {args.config_file}: file not found (and after the script name it would not "
+                        "be read: `accelerate launch --config_file FILE script.py` reads it)")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    logger.warning("--config_file %s after the script name is not read (accelerate reads its config only before the "
+                   "script name: accelerate launch --config_file %s %s ...); this run has %d process%s%s",
+                   args.config_file, args.config_file, Path(sys.argv[0]).name or "script.py", launched,
+                   "" if launched == 1 else "es", ", DeepSpeed" if deepspeed_zero_stage() else "")
+
+
+def warn_demo_data(args: argparse.Namespace, data: TrainingData) -> None:
+    """One line when a run trains on the repository's own demo split because no data path was given."""
+    from trainer.arguments import DEFAULT_FORGET, DEFAULT_RETAIN
+
+    defaults = [flag for flag, value, default in (("--forget_data_path", args.forget_data_path, DEFAULT_FORGET),
+                                                  ("--retain_data_path", args.retain_data_path, DEFAULT_RETAIN))
+                if Path(value).resolve() in (Path(default).resolve(), (PROJECT_ROOT / default).resolve())]
+    if defaults:
+        logger.warning("no %s given: training on the repository's demo data (%d forget, %d retain items of "
+                       "fictitious patients); pass %s for your own", " / ".join(defaults), len(data.forget),
+                       len(data.retain), " and ".join(f"{flag} FILE" for flag in defaults))
+
+
+def check_unfinished(args: argparse.Namespace, out_dir: Path, final: Path) -> None:
+    """A run folder with checkpoints but no final model is an interrupted run: starting it again from scratch
+    without being asked would quietly throw its epochs away."""
+    from trainer.checkpoints import latest_checkpoint
+
+    if args.resume_from_checkpoint is not None or args.overwrite or final.exists():
+        return
+    found = latest_checkpoint(out_dir)
+    if found is not None:
+        raise UserError(f"{out_dir} holds an unfinished run (last checkpoint {found.name}): continue it with "
+                        "--resume_from_checkpoint latest, or start again with --overwrite")
 
 
 def _clear_selection(out_dir: Path, resume: str | None, rule: str = "") -> None:
@@ -212,6 +260,19 @@ def _clear_selection(out_dir: Path, resume: str | None, rule: str = "") -> None:
         (out_dir / SELECTION_FILE).unlink(missing_ok=True)
         if (out_dir / SELECTED_DIR).exists():
             shutil.rmtree(out_dir / SELECTED_DIR)
+
+
+def _clear_checkpoints(out_dir: Path) -> None:
+    """A run started from scratch (``--overwrite``) drops an earlier run's checkpoints: ``latest`` must never
+    resume a later command from another run's epochs."""
+    import shutil
+
+    from trainer.checkpoints import EPOCH_CHECKPOINT_RE
+
+    for child in out_dir.iterdir():
+        if EPOCH_CHECKPOINT_RE.match(child.name) and child.is_dir():
+            shutil.rmtree(child)
+            logger.info("removed %s (an earlier run's checkpoint; starting from scratch)", child)
 
 
 def _trim_log(path: Path, last_step: int) -> None:
@@ -269,6 +330,7 @@ def train(args: argparse.Namespace) -> Path:
         log_path = out_dir / LOG_FILE
         if resume is None:
             log_path.unlink(missing_ok=True)
+            _clear_checkpoints(out_dir)
         else:
             _trim_log(log_path, TrainerState.load_from_json(str(Path(resume) / "trainer_state.json")).global_step)
         record = {**vars(args), "output_dir": str(out_dir), "resolved_from": args.output_dir,

@@ -38,11 +38,13 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show ``(default: X)`` only where there is a default to show (not for required or unset options)."""
+    """Show ``(default: X)`` only where there is a default to show (not for required or unset options) and the
+    help does not already say it ("default: ...", "off by default")."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or action.default is None or action.default is argparse.SUPPRESS \
-                or "%(default)" in (action.help or "") or isinstance(action, argparse._HelpAction):
+                or "%(default)" in (action.help or "") or isinstance(action, argparse._HelpAction) \
+                or re.search(r"\(default\b|\bdefault:|\bby default\b", action.help or "", re.IGNORECASE):
             return action.help
         return super()._get_help_string(action)
 
@@ -61,9 +63,83 @@ class ScriptParser(argparse.ArgumentParser):
             kwargs.setdefault("epilog", "\n".join(lines[1:]).strip("\n"))
         kwargs.setdefault("formatter_class", _RawEpilogFormatter)
         super().__init__(**kwargs)
+        self.add_argument("--config", metavar="FILE",
+                          help="YAML file of option values, keys = option names without the dashes (lr: 3.0e-5, "
+                               "mask: false, lora_target_modules: [q_proj, v_proj]); the command line wins")
+        self._from_config: tuple[str, set[str]] | None = None
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = list(sys.argv[1:] if args is None else args)
+        path = _config_path(argv)
+        if path is not None:
+            tokens = self._config_tokens(path)
+            self._from_config = (path, {t for t in tokens if t.startswith("--")})
+            argv = tokens + argv  # later occurrences win: the command line over the file
+        try:
+            return super().parse_known_args(argv, namespace)
+        finally:
+            self._from_config = None
+
+    def _config_tokens(self, path: str) -> list[str]:
+        """The YAML file's values as command-line tokens, so they get the options' own types, choices and checks."""
+        import yaml
+
+        try:
+            values = yaml.safe_load(open(path, encoding="utf-8").read())  # noqa: SIM115 - closed by the read
+        except FileNotFoundError:
+            self.error(f"--config {path}: file not found")
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            self.error(f"--config {path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})")
+        if values is None:
+            return []
+        if not isinstance(values, dict):
+            self.error(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+        tokens: list[str] = []
+        for key, value in values.items():
+            option = f"--{str(key).lstrip('-')}"
+            action = self._option_string_actions.get(option)
+            if action is None or action.dest in ("help", "config"):
+                self.error(f"--config {path}: unknown option {key!r} (keys are this script's option names, see "
+                           "--help)")
+            if value is None:
+                continue
+            if action.nargs == 0:  # store_true / store_const style: the flag or nothing
+                if value is True:
+                    tokens.append(option)
+                elif value is not False:
+                    self.error(f"--config {path}: {key} takes true or false, got {value!r}")
+                continue
+            values_ = value if isinstance(value, list) else [value]
+            tokens += [option, *(_token(v) for v in values_)]
+        return tokens
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if self._from_config is not None:
+            path, options = self._from_config
+            named = re.findall(r"--[\w-]+", message)
+            if any(o in options for o in named):
+                message += f" (the value may come from --config {path})"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _config_path(argv: list[str]) -> str | None:
+    """The value of ``--config FILE`` / ``--config=FILE`` in ``argv`` (the last one), else None."""
+    found = None
+    for i, token in enumerate(argv):
+        if token == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif token.startswith("--config="):
+            found = token.split("=", 1)[1]
+    return found
+
+
+def _token(value: object) -> str:
+    """A YAML scalar as the command line spells it (booleans as true/false for the ``--flag true`` options)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 class _RawEpilogFormatter(HelpFormatter):

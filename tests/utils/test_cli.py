@@ -41,12 +41,15 @@ def test_script_parser_errors_in_one_line_and_help_without_none_defaults(capsys)
     parser.add_argument("--b", default=None, help="optional")
     parser.add_argument("--c", type=int, default=3, help="has one")
     bool_arg(parser, "--flag", False, "a switch")
+    parser.add_argument("--d", default=["all"], help="modules (default: every linear layer)")
+    parser.add_argument("--e", default="off", help="run code (off by default)")
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["--a", "1", "--c", "x"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "usage" not in err and "--c" in err
     text = parser.format_help()
     assert "(default: None)" not in text and "(default: 3)" in text and "yes/no" in text
+    assert "(default: ['all'])" not in text and "(default: off)" not in text  # the help says it already
     assert "python thing.py --a 1 \\\n        --b 2" in text
 
 
@@ -76,3 +79,27 @@ def test_ctrl_c_under_a_progress_bar_is_one_line_of_its_own():
     assert proc.returncode == 130
     said = [line for line in proc.stderr.splitlines() if line.startswith("interrupted")]
     assert said == ["interrupted: the last complete checkpoint is X"], proc.stderr
+
+
+def test_config_file_gives_defaults_the_command_line_overrides(tmp_path, capsys):
+    """--config FILE (YAML, keys = option names) for every script: its values go through the options' own types
+    and choices; the command line wins; an unknown key, a wrong value and bad YAML are one error naming the file."""
+    from trainer.recipe import build_parser
+
+    parser = build_parser("me_gd", "doc")
+    config = tmp_path / "run.yaml"
+    config.write_text("model_path: models/x\nlr: 1.0e-4\nmask: true\nlora_target_modules: [q_proj, v_proj]\n"
+                      "loss_type: NPO+GD\nbf16: null\n")
+    args = parser.parse_args(["--config", str(config), "--lr", "2e-4"])
+    assert (args.model_path, args.lr, args.mask, args.lora_target_modules, args.loss_type, args.bf16) == (
+        "models/x", 2e-4, True, ["q_proj", "v_proj"], "NPO+GD", None)
+    assert parser.parse_args(["--config", str(config)]).lr == 1e-4
+    cases = {"learning_rate: 1\n": "unknown option 'learning_rate'", "lr: fast\n": "invalid float value",
+             "loss_type: XYZ\n": "invalid choice", "lr: [1\n": "not valid YAML", "- 1\n": "expected a mapping"}
+    for text, expected in cases.items():
+        config.write_text("model_path: m\n" + text if not text.startswith("-") else text)
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--config", str(config)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and expected in err and str(config) in err, err
+        assert len(err.strip().splitlines()) == 1
