@@ -222,7 +222,7 @@ def check_categories(args: argparse.Namespace, items: list, use_judge: bool) -> 
     for number, (it, cat) in enumerate(zip(items, cats, strict=True), start=1):
         if cat == "choice" and choice_answer(it.answer) is None:
             raise UserError(f"{args.test_data}, item {number}: choice item {it.name_key!r}: the gold answer "
-                            f"(field conversations[1].value) has no {ANSWER_MARKER}")
+                            f"(its answer turn) has no {ANSWER_MARKER}")
     if cats.count(None):
         logger.warning("%d of %d items of %s have no category prefix (privacy, noun_definition, choice, qa) in "
                        "their name_key: counted as 'other' and not scored", cats.count(None), len(cats), args.test_data)

@@ -1,5 +1,5 @@
-"""Reading the inputs strictly: QA files (JSONL, conversation or question/answer format), prediction files and
-refusal files. A bad line is one error naming the file, the line and the field."""
+"""Reading the inputs strictly: QA files (JSONL, conversation, ``messages`` or question/answer format), prediction
+files and refusal files. A bad line is one error naming the file, the line and the field."""
 
 from __future__ import annotations
 
@@ -31,10 +31,76 @@ def _fail(path: str | os.PathLike, line: int, message: str) -> UserError:
     return UserError(f"{path}, line {line}: {message}")
 
 
-def _parse_item(obj: object, path: str | os.PathLike, line: int) -> QAItem:
-    """Accept the conversation format or the TOFU ``question``/``answer`` format."""
+_ROLES = ("system", "user", "assistant")
+
+
+def _name_key(obj: dict, path: str | os.PathLike, line: int) -> str:
+    name_key = obj.get("name_key", "")
+    if not isinstance(name_key, str):
+        raise _fail(path, line, "field 'name_key' must be a string")
+    return name_key
+
+
+def _parse_messages(obj: dict, path: str | os.PathLike, line: int, notes: dict[str, list[int]]) -> QAItem:
+    """The Hugging Face chat format: the first user turn is the question, the next assistant turn the answer.
+
+    System turns (anywhere) are accepted and not used: training formats each item with the model family's tags,
+    not the chat template. A multi-turn item is not an error: its first user/assistant exchange is the item and the
+    later turns are checked and left out (as the conversation format reads its first two turns). Both are noted in
+    ``notes`` (``"system"``, ``"extra"``: line numbers) so that the file's reader warns once, not per line. Any other
+    role, a non-string content, or a question without the assistant's answer right after it (system turns aside)
+    is an error naming the file, the line and the field.
+    """
+    turns = obj["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise _fail(path, line, "field 'messages' must be a non-empty list of turns ({'role', 'content'})")
+    exchange: list[int] = []  # indices of the question turn and the answer turn
+    extra = system = False
+    for i, turn in enumerate(turns):
+        field = f"messages[{i}]"
+        if not isinstance(turn, dict):
+            raise _fail(path, line, f"field '{field}' must be an object with a 'role' and a 'content'")
+        for key in ("role", "content"):
+            if key not in turn:
+                raise _fail(path, line, f"field '{field}' has no '{key}'")
+        role = turn["role"]
+        if role not in _ROLES:
+            raise _fail(path, line, f"field '{field}.role' must be one of {', '.join(_ROLES)}, got {role!r}")
+        if not isinstance(turn["content"], str):
+            raise _fail(path, line, f"field '{field}.content' must be a string (a list of content parts is not "
+                                    "supported)")
+        if role == "system":
+            system = True
+        elif len(exchange) == 2:
+            extra = True
+        elif not exchange and role != "user":
+            raise _fail(path, line, f"field '{field}': expected the first turn (after any system turn) to be the "
+                                    f"user's question, got role {role!r}")
+        elif exchange and role != "assistant":
+            raise _fail(path, line, f"field '{field}': expected the assistant's answer after the user turn "
+                                    f"messages[{exchange[0]}], got role {role!r}")
+        else:
+            exchange.append(i)
+    if not exchange:
+        raise _fail(path, line, "field 'messages' has no user turn")
+    if len(exchange) == 1:
+        raise _fail(path, line, f"field 'messages': no assistant turn after the user turn messages[{exchange[0]}]")
+    if system:
+        notes.setdefault("system", []).append(line)
+    if extra:
+        notes.setdefault("extra", []).append(line)
+    q, a = exchange
+    return QAItem(turns[q]["content"], turns[a]["content"], _name_key(obj, path, line), line)
+
+
+def _parse_item(obj: object, path: str | os.PathLike, line: int, notes: dict[str, list[int]] | None = None) -> QAItem:
+    """Accept the conversation format, the ``messages`` chat format or the TOFU ``question``/``answer`` format."""
     if not isinstance(obj, dict):
         raise _fail(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    if "conversations" in obj and "messages" in obj:
+        raise _fail(path, line, "both fields 'conversations' and 'messages': give one")
+    if "messages" in obj:
+        return _parse_messages(obj, path, line, {} if notes is None else notes)
     if "conversations" in obj:
         turns = obj["conversations"]
         if not isinstance(turns, list) or len(turns) < 2:
@@ -44,10 +110,7 @@ def _parse_item(obj: object, path: str | os.PathLike, line: int) -> QAItem:
                 raise _fail(path, line, f"field 'conversations[{i}]' must be an object with a 'value'")
             if not isinstance(turn["value"], str):
                 raise _fail(path, line, f"field 'conversations[{i}].value' must be a string")
-        name_key = obj.get("name_key", "")
-        if not isinstance(name_key, str):
-            raise _fail(path, line, "field 'name_key' must be a string")
-        return QAItem(turns[0]["value"], turns[1]["value"], name_key, line)
+        return QAItem(turns[0]["value"], turns[1]["value"], _name_key(obj, path, line), line)
     if "question" in obj or "answer" in obj:
         for key in ("question", "answer"):
             if key not in obj:
@@ -56,7 +119,18 @@ def _parse_item(obj: object, path: str | os.PathLike, line: int) -> QAItem:
                 raise _fail(path, line, f"field '{key}' must be a string")
         name_key = obj.get("name_key", obj.get("task_id", ""))
         return QAItem(obj["question"], obj["answer"], str(name_key), line)
-    raise _fail(path, line, "missing field 'conversations' (or 'question' and 'answer')")
+    raise _fail(path, line, "missing field 'conversations' or 'messages' (or 'question' and 'answer')")
+
+
+def _warn_notes(path: str | os.PathLike, notes: dict[str, list[int]]) -> None:
+    """One warning per kind and file for what the ``messages`` format reads but does not use."""
+    if lines := notes.get("system"):
+        logger.warning("%s: %d item(s) have a system turn (first on line %d); it is not used: training formats "
+                       "the question and answer with the model family's tags (config/model_config.yaml) and "
+                       "generation prompts are built from the question alone", path, len(lines), lines[0])
+    if lines := notes.get("extra"):
+        logger.warning("%s: %d item(s) have more than one user/assistant exchange (first on line %d); only the "
+                       "first exchange is used", path, len(lines), lines[0])
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -82,8 +156,11 @@ def iter_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
 
 
 def load_qa_jsonl(path: str | os.PathLike, allow_empty: bool = False) -> list[QAItem]:
-    """Load QA items from a JSONL file (conversation or TOFU format); errors name file, line and field."""
-    items = [_parse_item(obj, path, number) for number, obj in iter_jsonl(path)]
+    """Load QA items from a JSONL file (conversation, ``messages`` or TOFU format); errors name file, line and
+    field. A ``messages`` item's system turns and later exchanges are left out, with one warning per file."""
+    notes: dict[str, list[int]] = {}
+    items = [_parse_item(obj, path, number, notes) for number, obj in iter_jsonl(path)]
+    _warn_notes(path, notes)
     if not items and not allow_empty:
         raise UserError(f"{path}: no items (the file is empty)")
     return items

@@ -114,6 +114,9 @@ def add_unlearn_args(
     lora.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
     lora.add_argument("--lora_target_modules", nargs="+", default=["all-linear"],
                       help="module names to adapt (default: every linear layer but the output head)")
+    bool_arg(lora, "--load_in_4bit", False,
+             "QLoRA: load the frozen base with 4-bit NF4 weights (bitsandbytes) and train the LoRA adapter on it; "
+             "needs --lora_r >= 1, no DeepSpeed")
 
     out = parser.add_argument_group("output")
     out.add_argument("--save_root", default="adapter", help="folder that holds run folders")

@@ -1,5 +1,6 @@
-"""The model a run trains: the base model through the one loader, with a fresh LoRA adapter (or every weight, or
-RMU's layers only), and its tokenizer checked against the family's chat tags."""
+"""The model a run trains: the base model through the one loader (``--load_in_4bit``: quantised to 4-bit NF4,
+QLoRA), with a fresh LoRA adapter (or every weight, or RMU's layers only), and its tokenizer checked against the
+family's chat tags."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from trainer.launch import deepspeed_zero_stage
 from trainer.losses import needs_hidden
 from utils.chat_template import missing_tag_tokens
 from utils.cli import family_names, seed_everything
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,27 @@ def _in_layers(layers: list[int] | None):
     return test
 
 
+def check_load_in_4bit(args: argparse.Namespace, deepspeed: bool = False) -> None:
+    """``--load_in_4bit``'s rules, checked before any model loads: a LoRA run (a 4-bit weight cannot be trained),
+    no DeepSpeed (the 4-bit base is placed whole on each process's device while it loads; ZeRO would partition
+    it), and bitsandbytes installed and able to quantise on this process's device."""
+    if not args.load_in_4bit:
+        return
+    if args.lora_r == 0:
+        raise UserError("--load_in_4bit with --lora_r 0: 4-bit weights cannot be trained, so full fine-tuning of a "
+                        "4-bit model is impossible; give --lora_r N (QLoRA trains a LoRA adapter on the frozen "
+                        "4-bit base) or drop --load_in_4bit")
+    stage = deepspeed_zero_stage()
+    if deepspeed or stage is not None:
+        raise UserError(f"--load_in_4bit under DeepSpeed{f' ZeRO-{stage}' if stage is not None else ''}: the 4-bit "
+                        "base is loaded whole on each process's GPU, which DeepSpeed cannot partition or wrap; "
+                        "launch without DeepSpeed (python, or accelerate launch --multi_gpu for data parallel "
+                        "processes), or drop --load_in_4bit")
+    from utils.loading import check_4bit_runs, process_device
+
+    check_4bit_runs(process_device())
+
+
 def load_tokenizer(args: argparse.Namespace, template):
     """The model folder's tokenizer (pad = EOS when it has no pad token, as the original)."""
     from utils.loading import load_tokenizer as load
@@ -64,18 +87,33 @@ def build_model(args: argparse.Namespace, template, bf16: bool, deepspeed: bool 
     Weights: :func:`utils.loading.weights_dtype` (full fine-tuning in bf16 without DeepSpeed keeps float32 weights
     under bf16 autocast). Under DeepSpeed ZeRO-3 the run's ``TrainingArguments`` must exist before this call, so
     that ``from_pretrained`` partitions the weights while it loads (``zero.Init``) instead of every process
-    holding the whole model."""
+    holding the whole model.
+
+    ``--load_in_4bit`` (QLoRA, :func:`check_load_in_4bit`'s rules): the linear layers load as 4-bit NF4 weights
+    (:func:`utils.loading.quantization_config`; compute in the weights' dtype) placed on this process's device
+    (a bitsandbytes model cannot be moved after loading), then :func:`peft.prepare_model_for_kbit_training`
+    (everything frozen, the norms, embeddings and head upcast to float32) before the adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from utils.loading import load_model, trusts_remote_code, weights_dtype
+    from utils.loading import load_model, process_device, trusts_remote_code, weights_dtype
 
-    model = load_model(args.model_path, dtype=weights_dtype(bf16, args.lora_r == 0, deepspeed), device=None,
+    check_load_in_4bit(args, deepspeed)
+    quantized = args.load_in_4bit
+    model = load_model(args.model_path, dtype=weights_dtype(bf16, args.lora_r == 0, deepspeed),
+                       device=process_device() if quantized else None,
                        trust_remote_code=trusts_remote_code(args.trust_remote_code, template),
-                       attn_implementation=template.attn_implementation, trainable_adapter=True)
+                       attn_implementation=template.attn_implementation, trainable_adapter=True,
+                       quantization="nf4" if quantized else None)
     model.config.use_cache = False
     if deepspeed_zero_stage() == 3:
         _report_partitioning(model)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # the same checkpointing as the Trainer's (trainer.launch: use_reentrant False)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
     layers = trained_layers(args)

@@ -22,7 +22,7 @@ from trainer.launch import (
     use_bf16,
 )
 from trainer.losses import LOSSES, needs_hidden, needs_idk, needs_reference
-from trainer.model_setup import build_model, load_tokenizer, num_layers
+from trainer.model_setup import build_model, check_load_in_4bit, load_tokenizer, num_layers
 from trainer.saving import FINAL_DIR, FULL_DIR, save_final
 from utils.chat_template import PROJECT_ROOT, load_chat_template
 from utils.errors import UserError
@@ -188,6 +188,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, object, TrainingData]:
         logger.warning("--loss_type %s with --mask false: the forget loss also covers the question, which the "
                        "model never memorised (the method's papers train on answers; SimNPO, for one, starts "
                        "saturated and does not move). Pass --mask true unless you mean it.", args.loss_type)
+    check_load_in_4bit(args)  # before anything heavy: QLoRA's rules and whether bitsandbytes runs here
     if args.max_steps == 0 or args.max_steps < -1:
         raise UserError("--max_steps must be at least 1 (or -1: --num_epochs decides)")
     check_config_file(args)

@@ -195,6 +195,25 @@ def quantization_config(name: str, compute_dtype=None):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=name, bnb_4bit_compute_dtype=compute)
 
 
+def check_4bit_runs(device: str, name: str = "nf4", flag: str = "--load_in_4bit") -> None:
+    """bitsandbytes installed and able to quantise to 4 bits (``nf4`` or ``fp4``) on ``device``: one 64-value
+    block quantised there (milliseconds), so that a missing or broken bitsandbytes (no build for this CUDA, a CPU
+    it does not support) is one error before any model loads rather than a traceback in the middle of loading."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:
+        raise UserError(f"{flag} needs bitsandbytes: pip install bitsandbytes==0.50.2") from None
+    except Exception as err:  # noqa: BLE001 - bitsandbytes raises what its native library's loader raises
+        raise UserError(f"{flag}: bitsandbytes cannot be imported here ({type(err).__name__}: {err})") from None
+    import torch
+
+    try:
+        bnb_functional.quantize_4bit(torch.zeros(64, device=device), quant_type=name)
+    except Exception as err:  # noqa: BLE001 - as above: whatever the native kernel raises means "not here"
+        raise UserError(f"{flag}: bitsandbytes cannot quantise to 4 bits on {device} here "
+                        f"({type(err).__name__}: {err})") from None
+
+
 def load_tokenizer(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None,
                    trust_remote_code: bool = False):
     """The tokenizer of the adapter folder when it has one, else of the model folder; pad = EOS when it has no
