@@ -25,6 +25,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {"me_gd": "forget_me_gd.py", "idk_ap": "forget_idk_ap.py"}
@@ -238,29 +242,70 @@ def extra_metrics(args: argparse.Namespace, results: Path, cache: Path, name: st
     return record
 
 
-def plot(run_dir: Path, before: dict, after: dict, png: Path, method: str) -> None:
-    import matplotlib
+# The PNG's bar panels: per panel, its bars (key in the scores, tick label, which way is better). The refusal
+# rates are the share of answers that are a refusal: on the forget (privacy) questions a refusal is the wanted
+# answer instead of the private fact (IDK+AP's aim), on every other question it is collateral damage.
+PLOT_PANELS = [
+    ("validation metrics", [("rouge_l_privacy", "privacy\nROUGE-L", "lower"),
+                            ("rouge_l_noun", "noun-definition\nROUGE-L", "higher"),
+                            ("choice_acc", "choice\naccuracy", "higher"),
+                            ("score", "ATEC\nscore", "higher")]),
+    ("general knowledge and refusals", [("general_vs_target", "general probe\nvs the target", "higher"),
+                                        ("general_vs_untouched", "general probe\nvs untouched {name}", "higher"),
+                                        ("refusal_forget", "refusal rate,\nforget questions", "higher"),
+                                        ("refusal_other", "refusal rate,\nother questions", "lower")]),
+]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    steps = [r["step"] for r in rows]
+def loss_rows(run_dir: Path) -> list[dict]:
+    """The training log's rows that carry losses (``<run>/train_log.jsonl``)."""
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r]
+
+
+def bar_value(value) -> str:
+    """A bar's printed value: as the table prints it, ``n/a`` for a metric not computed."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def build_figure(rows: list[dict], before: dict, after: dict, title: str, name: str = "") -> Figure:
+    """The demo's figure (a ``matplotlib.figure.Figure`` on the Agg canvas, no pyplot state): the training
+    losses of ``rows`` and, per panel of :data:`PLOT_PANELS`, before/after bars of the metrics ``before`` has,
+    each bar with its value and each group with which way is better."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(t, [b for b in bars if b[0] in before or b[0] in after]) for t, bars in PLOT_PANELS]
+    panels = [(t, bars) for t, bars in panels if bars]
+    fig = Figure(figsize=(6 + 4.5 * len(panels), 5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 1 + len(panels), squeeze=False,
+                        gridspec_kw={"width_ratios": [1.2] + [len(b) for _, b in panels]})[0]
     for key, label in (("loss", "total"), ("forget_loss", "forget"), ("retain_loss", "retain")):
-        ax1.plot(steps, [r[key] for r in rows], label=label)
-    ax1.set(title=f"training losses ({method})", xlabel="optimizer step", ylabel="loss")
-    ax1.legend()
-    names = [m for m, _ in METRICS]
-    x = range(len(names))
-    ax2.bar([i - 0.2 for i in x], [before[m] or 0 for m in names], width=0.4, label="target (before)")
-    ax2.bar([i + 0.2 for i in x], [after[m] or 0 for m in names], width=0.4, label="unlearned (after)")
-    ax2.set_xticks(list(x), ["privacy\nROUGE-L", "noun\nROUGE-L", "choice\naccuracy", "ATEC\nscore"])
-    ax2.set(title="validation metrics", ylim=(0, 1.3))
-    ax2.legend()
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            axes[0].plot(*zip(*points, strict=True), label=label)
+    axes[0].set(title=f"training losses ({title})", xlabel="optimizer step", ylabel="loss")
+    if axes[0].get_lines():
+        axes[0].legend()
+    for ax, (panel, bars) in zip(axes[1:], panels, strict=True):
+        x = range(len(bars))
+        for shift, scores, label in ((-0.2, before, "target (before)"), (0.2, after, "unlearned (after)")):
+            values = [scores.get(key) for key, _, _ in bars]
+            drawn = ax.bar([i + shift for i in x], [v or 0 for v in values], width=0.4, label=label)
+            ax.bar_label(drawn, labels=[bar_value(v) for v in values], padding=2, fontsize=8)
+        ax.set_xticks(list(x), [f"{label.format(name=name)}\n({better} is better)" for _, label, better in bars],
+                      fontsize=8)
+        heading = "refusal rates" if all(k.startswith("refusal") for k, _, _ in bars) else panel  # tiny's panel
+        ax.set(title=heading, ylim=(0, 1.3))  # room above a bar at 1.0 for its value and the legend
+        ax.legend(loc="upper center", ncols=2, fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    return fig
+
+
+def plot(rows: list[dict], before: dict, after: dict, png: Path, title: str, name: str = "") -> None:
+    """Write :func:`build_figure` to ``png``."""
+    build_figure(rows, before, after, title, name).savefig(png, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -315,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     before, after = scores["original"], scores["unlearned"]
     png = out / f"demo_{args.method}.png"
-    plot(run_dir, before, after, png, f"{args.model}, {args.method}")
+    plot(loss_rows(run_dir), before, after, png, f"{args.model}, {args.method}", setup.get("name", args.model))
     print(f"\n{'metric':<52}{'before':>8}{'after':>8}")
     for key, label in METRICS + EXTRA:
         if key in before:

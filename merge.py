@@ -8,8 +8,10 @@ float32 and is then saved in the base's own dtype (`--dtype` to choose). Two che
 forget items (from its run's run_args.json; a fixed sentence when they cannot be found): the merged model's
 logits equal the adapter model's, and the adapter's change to the weights survives the saved dtype (a small
 LoRA delta can round away entirely in bfloat16). It refuses (without `--force`) a base other than the one the
-adapter was trained on (recorded in its adapter_config.json) and an adapter that changes nothing. An existing
-non-empty output is refused without `--overwrite`; the output appears only when complete.
+adapter was trained on (by the fingerprint training recorded in base_fingerprint.json, else by the base path in
+its adapter_config.json, resolved against the current directory and the adapter's folder) and an adapter that
+changes nothing. An existing non-empty output is refused without `--overwrite`; the output appears only when
+complete.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from utils.chat_template import load_chat_template
 from utils.cli import ScriptParser, bool_arg, run_cli, setup_logging
 from utils.errors import UserError
 from utils.files import atomic_path, check_adapter_folder, check_model_folder, check_output_free
+from utils.fingerprint import FINGERPRINT_FILE, fingerprint_difference, read_base_fingerprint, same_model
 
 logger = logging.getLogger("merge")
 
@@ -68,46 +71,61 @@ def validate(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return base, adapter, output
 
 
-def _fingerprint(folder: Path, samples: int = 16, chunk: int = 1 << 16) -> tuple:
-    """What identifies a model folder's weights without reading them all: its config.json and, per weight
-    file, its name, size and a hash of ``samples`` chunks spread over it (a fine-tuned copy differs there)."""
-    import hashlib
-    import json
-
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config.pop("_name_or_path", None)
-    weights = []
-    for file in sorted(folder.glob("*.safetensors")):
-        size, digest = file.stat().st_size, hashlib.sha256()
-        with file.open("rb") as fh:
-            for i in range(samples):
-                fh.seek(size * i // samples)
-                digest.update(fh.read(chunk))
-        weights.append((file.name, size, digest.hexdigest()))
-    return json.dumps(config, sort_keys=True), tuple(weights)
+def _candidates(recorded: str, adapter: Path) -> list[tuple[str, Path]]:
+    """The model folders the adapter's recorded base path can mean here, with how each was found: an absolute
+    path as it is; a relative one (relative to wherever training ran) against the current directory and against
+    the adapter's folder. One entry per distinct folder."""
+    path = Path(recorded)
+    tries = ([("as an absolute path", path)] if path.is_absolute() else
+             [("relative to the current directory", Path.cwd() / path),
+              ("relative to the adapter's folder", adapter.resolve() / path)])
+    found: dict[Path, tuple[str, Path]] = {}
+    for how, folder in tries:
+        if (folder / "config.json").is_file():
+            found.setdefault(folder.resolve(), (how, folder.resolve()))
+    return list(found.values())
 
 
 def base_mismatch(base: Path, adapter: Path) -> str | None:
     """Why ``base`` is not the model the adapter was trained on (``None`` when it is, or cannot be told).
 
-    The adapter records its base (``base_model_name_or_path``). Where that folder exists here it must be
-    ``base`` itself or an identical copy (same config, same weight files); where it does not (trained
-    elsewhere) the folder names must agree.
+    The adapter's base is identified, in this order, by: the fingerprint of its weights recorded at training
+    (``base_fingerprint.json``, :mod:`utils.fingerprint`), which holds wherever merge runs; the base path it
+    recorded (``base_model_name_or_path``), where that resolves here (every folder it resolves to must be
+    ``base`` or an identical copy); the folder names, with a warning that the base could not be verified.
     """
     import json
 
     recorded = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
         "base_model_name_or_path")
-    if not recorded:
-        return None
-    trained_on = Path(recorded)
-    if trained_on.is_dir() and (trained_on / "config.json").is_file():
-        if trained_on.resolve() == base.resolve() or _fingerprint(trained_on) == _fingerprint(base):
+    fingerprint = read_base_fingerprint(adapter)
+    if fingerprint is not None:
+        difference = fingerprint_difference(fingerprint, base)
+        if difference is None:
             return None
-        return f"--adapter was trained on {recorded}, which differs from --base_model {base}"
-    if trained_on.name != base.resolve().name:
-        return (f"--adapter was trained on {recorded!r} (not found here), --base_model is {base}: "
+        resolved = fingerprint.get("resolved")
+        trained_on = f"{recorded!r} ({resolved} at training)" if resolved and resolved != recorded else \
+            repr(recorded or resolved)
+        return (f"--adapter was trained on {trained_on} (identified by the fingerprint of its weights recorded at "
+                f"training, {adapter / FINGERPRINT_FILE}), which differs from --base_model {base} ({difference})")
+    if not recorded:
+        logger.warning("--adapter %s names no base model and has no %s: could not verify that --base_model %s is "
+                       "the model it was trained on", adapter, FINGERPRINT_FILE, base)
+        return None
+    found = _candidates(recorded, adapter)
+    for how, folder in found:
+        if not same_model(folder, base):
+            return (f"--adapter was trained on {recorded!r} (found at {folder}, {how}; no {FINGERPRINT_FILE}), "
+                    f"which differs from --base_model {base}")
+    if found:
+        return None
+    where = "not found" if Path(recorded).is_absolute() else \
+        "not found relative to the current directory or to the adapter's folder"
+    if Path(recorded).name != base.resolve().name:
+        return (f"--adapter was trained on {recorded!r} ({where}, no {FINGERPRINT_FILE}), --base_model is {base}: "
                 "the names differ")
+    logger.warning("--adapter was trained on %r (%s, no %s): could not verify that --base_model %s is that model, "
+                   "only that the folder names agree", recorded, where, FINGERPRINT_FILE, base)
     return None
 
 

@@ -8,6 +8,9 @@ exact memorisation (EM) and extraction strength (ES); GradNorm from one backward
 
 Summary: per set the means; for every MIA score the AUC of forget (members) against holdout items; with
 a retain-only model's summary, PrivLeak of each.
+
+Knowledge check (:func:`knowledge_check`): from the forget rows, does the model know the facts at all? A model that
+never knew them has nothing to unlearn, and its "after" numbers equal its "before" ones.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from evals.mia import (
     MiaOptions,
@@ -286,3 +289,101 @@ def format_summary(summary: dict) -> str:
         for score, value in summary["auc"].items():
             lines.append(f"| {score} | {value:.3f} | {f(summary.get('priv_leak', {}).get(score))} |")
     return "\n".join(lines)
+
+
+# The knowledge check's rules. An item is *known* when the model gives its gold answer a probability of at least
+# KNOWN_PROBABILITY: per token, exp(-mean answer NLL) (TOFU's normalised probability, evals.robustness'
+# forget_prob); 1/2 is a mean answer NLL of ln 2. Measured (runs/leaderboard, SmolLM2-135M, 12 forget + 12 holdout
+# facts): the target that memorised the forget facts gives them 0.83 to 0.96; the retain-only model, which never saw
+# them, 0.03 to 0.34 on them and at most 0.41 on the holdout; untouched SmolLM2 on the 96 of data/forget/forget.jsonl at
+# most 0.38. The probability decides, not the greedy answer's ROUGE-L: the ROUGE rule of extract_data.py (reproduced =
+# ROUGE-L F >= 0.5, the same ATEC ROUGE-L as rougeL_f here) also scores the answer's wording, and a model that knows
+# how such answers read but not the facts passes it: the retain-only model "reproduces" 12 of 12 forget answers
+# ("Ma Bo was diagnosed with anemia." for "... with arthritis.": 0.83). The reproduced count is reported beside.
+KNOWN_PROBABILITY = 0.5
+# extract_data.py's --forget_threshold: the model's greedy answer reproduces the gold one. rougeL_f is
+# evals.atec.atec_rouge_l (extract_data.py's atec_rouge_l_or_none, with 0 for an unscorable pair such as an empty
+# answer): an answer ROUGE cannot read reproduces nothing, where extract_data.py leaves such an item out.
+REPRODUCED_ROUGE = 0.5
+# "knows": at least 4 in 5 forget facts known (a few half-remembered ones do not make unlearning pointless);
+# "does_not_know": fewer than 1 in 10 (a stray known item is an answer the model gives to every such question:
+# the target above gives 0.84 to 1 of its 12 holdout facts, whose answer, "arthritis", is another person's);
+# "partly" in between: the forget set mixes facts the model knows with facts there is nothing to remove from.
+KNOWS_SHARE = 0.8
+DOES_NOT_KNOW_SHARE = 0.1
+OWN_DATA_DOCS = "README 'Your own data, start to finish'"
+
+
+@dataclass
+class KnowledgeVerdict:
+    """What the model knows of the forget set (:func:`knowledge_check`); ``reproduced`` and ``mean_rouge`` are
+    None without greedy answers."""
+
+    items: int
+    known: int
+    reproduced: int | None
+    mean_probability: float
+    mean_rouge: float | None
+    verdict: str  # "knows", "partly" or "does_not_know"
+    basis: str
+    message: str
+    notes: list[str] = field(default_factory=list)
+
+
+def knowledge_check(rows: Sequence[dict], greedy: bool = True, after_unlearning: bool = False) -> KnowledgeVerdict:
+    """Does the model know the forget set's facts? From its :func:`evaluate_sets` forget rows: ``loss`` (mean
+    answer NLL) and, with ``greedy``, ``rougeL_f`` of the greedy answers (rows whose ``rougeL_f`` is None count as
+    without). ``after_unlearning``: the rows are of an unlearned model (the message says "still")."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("the knowledge check needs at least one forget row")
+    probabilities = [math.exp(-r["loss"]) for r in rows]
+    rouges = [r.get("rougeL_f") for r in rows]
+    greedy = greedy and None not in rouges
+    n = len(rows)
+    known = sum(p >= KNOWN_PROBABILITY for p in probabilities)
+    mean_p = mean(probabilities)
+    share = known / n
+    verdict = "knows" if share >= KNOWS_SHARE else "does_not_know" if share < DOES_NOT_KNOW_SHARE else "partly"
+    counts = f"the model knows {known} of {n} forget answers (gold-answer probability >= {KNOWN_PROBABILITY}; " \
+             f"mean {mean_p:.2f})"
+    reproduced = mean_rouge = None
+    notes = []
+    if greedy:
+        reproduced = sum(x >= REPRODUCED_ROUGE for x in rouges)
+        mean_rouge = mean(rouges)
+        counts += f" and reproduces {reproduced} of {n} (greedy answer ROUGE-L >= {REPRODUCED_ROUGE}; " \
+                  f"mean {mean_rouge:.2f})"
+        said = [(x >= REPRODUCED_ROUGE, p >= KNOWN_PROBABILITY) for x, p in zip(rouges, probabilities, strict=True)]
+        wording = sum(match and not probable for match, probable in said)
+        unsaid = sum(probable and not match for match, probable in said)
+        if wording:
+            notes.append(f"{wording} greedy answers match the gold ones in wording with an improbable gold answer: "
+                         "the answers' form (the question's words), not the facts (extract_data.py's ROUGE rule "
+                         "would count them as forget)")
+        if unsaid:
+            notes.append(f"{unsaid} gold answers are probable but not in the greedy answers: the facts are in the "
+                         "model's likelihoods, not in what it says")
+    basis = "answer probabilities and greedy answers" if greedy else \
+        "answer probabilities alone (no greedy answers)"
+    prefix = "knowledge check" if greedy else "knowledge check (from answer probabilities alone: no greedy answers)"
+    if after_unlearning:
+        tail = {"knows": "it still knows these facts",
+                "partly": f"it still knows {known} of these facts",
+                "does_not_know": "it does not know these facts (whether it knew them before: run the check "
+                                 "without --adapter)"}[verdict]
+    else:
+        tail = {"knows": "it knows these facts: there is something to unlearn",
+                "partly": f"it knows only some of these facts: unlearning can remove only those {known}; the "
+                          "others (rows with loss above ln 2 in eval_log.json) are not in the model, leave them "
+                          "out of the forget set or check the data",
+                "does_not_know": "it does not know these facts, so unlearning has nothing to remove; check the "
+                                 f"model and the data first (docs: {OWN_DATA_DOCS})"}[verdict]
+    message = f"{prefix}: {counts}: {tail}"
+    return KnowledgeVerdict(items=n, known=known, reproduced=reproduced, mean_probability=mean_p,
+                            mean_rouge=mean_rouge, verdict=verdict, basis=basis, message=message, notes=notes)
+
+
+def format_knowledge_check(check: KnowledgeVerdict) -> str:
+    """The check's message and its notes, one a line."""
+    return "\n".join([check.message, *(f"  note: {note}" for note in check.notes)])

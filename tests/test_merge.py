@@ -133,3 +133,97 @@ def test_merge_checks_on_the_adapters_own_forget_items(trained_adapter):
     template = load_chat_template("tiny")
     assert probes == [template.prompt(it.question) + it.answer for it in items] and len(probes) == 8
     assert merge.probe_texts(trained_adapter, {}) == [merge.PROBE]
+
+
+def impostor_of(base, folder):
+    """A model with ``base``'s config and tokenizer, every weight moved a little (as a fine-tune moves them)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, folder)
+    for file in folder.glob("*.safetensors"):
+        save_file({k: v + 0.01 for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
+    return folder
+
+
+def adapter_recording(trained_adapter, folder, base_path: str, fingerprint: bool):
+    """A copy of ``trained_adapter`` (with its run record) whose adapter_config.json names ``base_path``, with
+    or without the base fingerprint training recorded."""
+    import json
+    import shutil
+
+    from utils.fingerprint import FINGERPRINT_FILE
+
+    shutil.copytree(trained_adapter.parent, folder)
+    adapter = folder / trained_adapter.name
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_path}))
+    if not fingerprint:
+        (adapter / FINGERPRINT_FILE).unlink()
+    return adapter
+
+
+def test_merge_from_another_directory_finds_the_base_relative_to_the_adapter(target, trained_adapter, tmp_path,
+                                                                              monkeypatch, capsys):
+    """No fingerprint recorded, the base path relative: run from an unrelated directory, the path is resolved
+    against the adapter's folder too and the weights compared, so a fine-tuned model of the same folder name and
+    config is refused (before: not found from here, the names agreed, it merged), the right base merges."""
+    import os
+    import shutil
+
+    base = tmp_path / "models" / "tiny"
+    shutil.copytree(target["model"], base)
+    other = impostor_of(target["model"], tmp_path / "finetuned" / "tiny")
+    run = tmp_path / "runs" / "r"
+    relative = os.path.relpath(base, run / trained_adapter.name)  # ../../../models/tiny
+    adapter = adapter_recording(trained_adapter, run, relative, fingerprint=False)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert (other / "config.json").read_text() == (base / "config.json").read_text()
+
+    argv = ["--adapter", str(adapter), "--output", str(tmp_path / "m")]
+    code, err = run_script(merge, ["--base_model", str(other), *argv], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    assert f"differs from --base_model {other}" in err and "relative to the adapter's folder" in err
+    assert str(base) in err and "--force" in err
+    assert merge.main(["--base_model", str(base), *argv]).is_dir()
+
+
+def test_merge_checks_the_base_fingerprint_recorded_at_training(target, trained_adapter, tmp_path, monkeypatch,
+                                                                capsys):
+    """Training wrote the base's fingerprint beside the adapter; where the recorded path resolves nowhere (a
+    relative path, run from elsewhere) the fingerprint still tells the base from a same-named fine-tune."""
+    from utils.fingerprint import FINGERPRINT_FILE, fingerprint_difference, read_base_fingerprint
+
+    record = read_base_fingerprint(trained_adapter)  # what training itself wrote (trainer/saving.py)
+    assert record is not None and record["resolved"] == str(target["model"].resolve())
+    assert fingerprint_difference(record, target["model"]) is None
+    other = impostor_of(target["model"], tmp_path / "finetuned" / target["model"].name)
+    adapter = adapter_recording(trained_adapter, tmp_path / "run", f"gone/{target['model'].name}", fingerprint=True)
+    monkeypatch.chdir(tmp_path)
+
+    argv = ["--adapter", str(adapter), "--output", str(tmp_path / "m")]
+    code, err = run_script(merge, ["--base_model", str(other), *argv], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+    assert f"differs from --base_model {other}" in err and FINGERPRINT_FILE in err
+    assert "same config.json, other weights" in err and str(target["model"].resolve()) in err
+    assert merge.main(["--base_model", str(target["model"]), *argv]).is_dir()
+
+
+def test_an_unverifiable_base_is_accepted_by_name_with_a_warning(target, trained_adapter, tmp_path, monkeypatch,
+                                                                 caplog):
+    """No fingerprint and a recorded path that resolves nowhere: the folder names decide, as before, and merge
+    warns that the base could not be verified; other names are refused."""
+    import logging
+    import shutil
+
+    adapter = adapter_recording(trained_adapter, tmp_path / "run", f"gone/{target['model'].name}", fingerprint=False)
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="merge"):
+        assert merge.base_mismatch(target["model"], adapter) is None
+    assert "could not verify" in caplog.text
+    other_name = tmp_path / "other_name"
+    other_name.mkdir()
+    shutil.copy(target["model"] / "config.json", other_name)
+    assert "the names differ" in merge.base_mismatch(other_name, adapter)

@@ -15,10 +15,13 @@ def save_final(trainer, out_dir: Path, name: str = FINAL_DIR, extra_json: dict |
     """Save adapter (or whole model) + tokenizer to a temporary folder, then swap it in as ``name``
     (:func:`utils.files.replace_folder`: a kill leaves the previous final folder or the new one, never neither).
     An adapter saved without weights (ZeRO-3 that did not gather them) is an error, not a finished folder.
-    ``extra_json``: files (name -> object) written into the folder before it is swapped in."""
+    ``extra_json``: files (name -> object) written into the folder before it is swapped in. An adapter also gets
+    its base model's fingerprint (:data:`utils.fingerprint.FINGERPRINT_FILE`), which merge.py checks its
+    ``--base_model`` against wherever it runs."""
     import shutil
 
     from utils.files import recover_folder, replace_folder, write_json
+    from utils.fingerprint import record_base_fingerprint
 
     final, tmp = out_dir / name, out_dir / f".{name}.tmp"
     if trainer.is_world_process_zero():
@@ -34,6 +37,8 @@ def save_final(trainer, out_dir: Path, name: str = FINAL_DIR, extra_json: dict |
         if empty:
             raise RuntimeError(f"the saved weights in {tmp} are empty ({', '.join(empty[:3])}, ...): nothing was "
                                "gathered from the processes; the final folder was not written")
+        if (tmp / "adapter_config.json").is_file():
+            record_base_fingerprint(tmp)  # in the folder before it is swapped in: adapter and record change together
         for file_name, obj in (extra_json or {}).items():
             write_json(tmp / file_name, obj)
         replace_folder(tmp, final)

@@ -1,5 +1,6 @@
 """evaluate_unlearning.py and evals/unlearning.py on the tiny memorised model: planted members, the
-Reference and GradNorm scores computed by hand, PrivLeak, the output files, and input errors."""
+Reference and GradNorm scores computed by hand, PrivLeak, the output files, input errors, and the knowledge check's
+rule on rows of realistic values."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import torch
 
 import evaluate_unlearning
 from evals.mia import MiaOptions
-from evals.unlearning import grad_norms, summarise, token_stats
+from evals.unlearning import (
+    KNOWN_PROBABILITY,
+    format_knowledge_check,
+    grad_norms,
+    knowledge_check,
+    summarise,
+    token_stats,
+)
 from tests.conftest import run_script
 from utils.chat_template import load_chat_template
 from utils.files import write_jsonl
@@ -52,6 +60,7 @@ def test_planted_members_are_detected_and_unlearning_hides_them(target, holdout,
     assert before["sets"]["forget"]["em"] == 1.0 and before["sets"]["forget"]["es"] == 1.0
     assert before["sets"]["holdout"]["es"] < 0.2
     assert before["sets"]["forget"]["refusal_rate"] == 0.0
+    assert before["knowledge_check"]["verdict"] == "knows" and before["knowledge_check"]["known"] == 16
 
     final = main_for("me_gd", ["--model_path", str(target["model"]), "--model_family", "tiny",
                                "--forget_data_path", str(target["forget"]), "--retain_data_path", str(target["retain"]),
@@ -129,6 +138,67 @@ def test_summary_leaves_out_scores_that_are_missing_and_needs_both_sets():
     assert "auc" not in summarise({"forget": [row]})
     leak = summarise({"forget": [row], "holdout": [other]}, {"auc": {"loss": 0.5}})["priv_leak"]
     assert leak == {"loss": pytest.approx(-100.0)}  # MUSE's orientation: every forget item still detected
+
+
+def kc_row(probability: float, rouge: float | None) -> dict:
+    """A forget row as evaluate_sets writes it, reduced to what the knowledge check reads."""
+    return {"loss": -math.log(probability), "rougeL_f": rouge, "em": 0.5, "es": 0.1}
+
+
+def test_knowledge_check_on_a_model_that_memorised_and_one_that_never_saw_the_facts():
+    """Memorised (gold answers at probability ~0.9, greedy answers equal to them): "knows", something to unlearn.
+    Never saw them (~0.01, ROUGE-L ~0.1): "does_not_know", nothing to remove, said plainly."""
+    memorised = knowledge_check([kc_row(p, 1.0) for p in (0.93, 0.9, 0.88, 0.95, 0.91)])
+    assert (memorised.verdict, memorised.known, memorised.reproduced, memorised.items) == ("knows", 5, 5, 5)
+    assert memorised.mean_probability == pytest.approx(0.914) and memorised.mean_rouge == 1.0
+    assert "there is something to unlearn" in memorised.message and not memorised.notes
+    unknown = knowledge_check([kc_row(p, r) for p, r in ((0.01, 0.1), (0.02, 0.08), (0.005, 0.12), (0.01, 0.0),
+                                                         (0.005, 0.15))])
+    assert (unknown.verdict, unknown.known, unknown.reproduced) == ("does_not_know", 0, 0)
+    assert unknown.message.startswith("knowledge check: the model knows 0 of 5 forget answers")
+    assert "reproduces 0 of 5" in unknown.message and "mean 0.01)" in unknown.message
+    assert "unlearning has nothing to remove" in unknown.message and "Your own data" in unknown.message
+
+
+def test_knowledge_check_mixed_set_counts_the_known_items():
+    """3 memorised facts, 2 never seen: "partly", and the message names how many unlearning can remove."""
+    check = knowledge_check([kc_row(0.9, 1.0)] * 3 + [kc_row(0.01, 0.1)] * 2)
+    assert (check.verdict, check.known, check.reproduced) == ("partly", 3, 3)
+    assert "only those 3" in check.message
+    assert check.mean_probability == pytest.approx((3 * 0.9 + 2 * 0.01) / 5)
+
+
+def test_knowledge_check_is_not_fooled_by_answers_of_the_right_form():
+    """A model that learned how such answers read but not the facts ("Ma Bo was diagnosed with anemia." for
+    "... arthritis.": ROUGE-L 0.83; gold answer at 0.2, as the leaderboard's retain-only model): by extract_data.py's
+    ROUGE rule it reproduces every answer, but it knows none of them, and a note says why they match."""
+    check = knowledge_check([kc_row(p, r) for p, r in ((0.33, 0.83), (0.06, 0.73), (0.09, 0.56), (0.24, 0.67))])
+    assert (check.verdict, check.known, check.reproduced) == ("does_not_know", 0, 4)
+    assert len(check.notes) == 1 and check.notes[0].startswith("4 greedy answers match the gold ones in wording")
+    assert format_knowledge_check(check).splitlines()[1].startswith("  note: 4 greedy answers")
+
+
+def test_knowledge_check_thresholds_and_probability_only_rows():
+    """The edges: probability exactly 1/2 is known; 4 of 5 known is "knows", 3 of 5 "partly"; 1 of 10 is "partly",
+    1 of 11 "does_not_know". Without greedy answers (rows whose rougeL_f is None, or greedy=False, as for
+    quick_metrics' rows without generation, whose rougeL_f is 0) the check decides from probabilities alone and says
+    so; after unlearning it says "still"."""
+    assert knowledge_check([kc_row(KNOWN_PROBABILITY, 1.0)]).known == 1
+    assert knowledge_check([kc_row(0.499, 1.0)]).known == 0
+    assert knowledge_check([kc_row(0.9, 1.0)] * 4 + [kc_row(0.1, 0.1)]).verdict == "knows"
+    assert knowledge_check([kc_row(0.9, 1.0)] * 3 + [kc_row(0.1, 0.1)] * 2).verdict == "partly"
+    assert knowledge_check([kc_row(0.9, 1.0)] + [kc_row(0.1, 0.1)] * 9).verdict == "partly"
+    assert knowledge_check([kc_row(0.9, 1.0)] + [kc_row(0.1, 0.1)] * 10).verdict == "does_not_know"
+    alone = knowledge_check([kc_row(0.01, None)] * 5)
+    assert alone.reproduced is None and alone.mean_rouge is None and alone.verdict == "does_not_know"
+    assert alone.message.startswith("knowledge check (from answer probabilities alone") and "reproduces" not in \
+        alone.message
+    assert knowledge_check([kc_row(0.9, 0.0)] * 5, greedy=False).basis.startswith("answer probabilities alone")
+    hidden = knowledge_check([kc_row(0.9, 0.0)] * 5, after_unlearning=True)  # refuses, still holds the facts
+    assert hidden.verdict == "knows" and "still knows" in hidden.message and hidden.reproduced == 0
+    assert hidden.notes[0].startswith("5 gold answers are probable but not in the greedy answers")
+    with pytest.raises(ValueError):
+        knowledge_check([])
 
 
 def test_input_mistakes_are_one_line_errors(target, holdout, tmp_path, capsys):
