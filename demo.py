@@ -252,7 +252,7 @@ PLOT_PANELS = [
                             ("score", "ATEC\nscore", "higher")]),
     ("general knowledge and refusals", [("general_vs_target", "general probe\nvs the target", "higher"),
                                         ("general_vs_untouched", "general probe\nvs untouched {name}", "higher"),
-                                        ("refusal_forget", "refusal rate,\nforget questions", "higher"),
+                                        ("refusal_forget", "refusal rate,\nforget questions", "IDK+AP: higher"),
                                         ("refusal_other", "refusal rate,\nother questions", "lower")]),
 ]
 

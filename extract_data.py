@@ -5,8 +5,8 @@
 
 ROUGE-L (as evaluate.py computes it) between each gold answer and the model's answer: items at or
 above `--forget_threshold` are memorised (forget), below `--retain_threshold` go to retain, those in
-between are dropped. Private items (`name_key` starting with one of `--private_prefixes`, by default the
-competition's `privacy`) never go to retain, whatever their score: retain is what training teaches the model, and
+between are dropped. Private items (`name_key` starting with the competition's `privacy` or one of
+`--private_prefixes`) never go to retain, whatever their score: retain is what training teaches the model, and
 a private fact the model does not reproduce is not unlearnable either; such items (below `--forget_threshold`)
 are reported and written to `--private_unknown_out_path` instead. An answer that ROUGE cannot score (empty, or
 no word `rouge` can read, such as '.') is skipped, as the competition's script skipped it: counted and reported,
@@ -33,6 +33,7 @@ from utils.errors import UserError
 from utils.files import atomic_path, check_model_folder, check_output_free, write_jsonl
 
 logger = logging.getLogger("extract_data")
+PRIVATE_PREFIXES = ("privacy",)  # the competition's private category
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,9 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retain_out_path", default="data/retain/retain.jsonl", help="where retain items go")
     parser.add_argument("--forget_threshold", type=float, default=0.5, help="ROUGE-L at or above: forget")
     parser.add_argument("--retain_threshold", type=float, default=0.25, help="ROUGE-L below: retain")
-    parser.add_argument("--private_prefixes", nargs="*", default=["privacy"],
-                        help="name_key prefixes of private items: forget when the model reproduces them, else left "
-                             "out (never retain)")
+    parser.add_argument("--private_prefixes", nargs="*", default=None,
+                        help="more name_key prefixes of private items, beside the competition's privacy: forget when "
+                             "the model reproduces them, else left out (never retain); with no value, none is "
+                             "private (the competition's rule)")
     parser.add_argument("--private_unknown_out_path", default=None,
                         help="where private items the model does not reproduce go (default: beside "
                              "--forget_out_path, <name>.private_unknown.jsonl)")
@@ -95,6 +97,9 @@ def private_unknown_path(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     setup_logging()
+    args.competition_rule = args.private_prefixes == []
+    args.private_prefixes = [] if args.competition_rule else \
+        list(dict.fromkeys([*PRIVATE_PREFIXES, *(args.private_prefixes or [])]))
     clash = sorted(p for p in args.keep_prefixes if any(p.startswith(q) or q.startswith(p)
                                                           for q in args.private_prefixes))
     if clash:
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
 def report_unprotected(items: list, decisions: list[str], args: argparse.Namespace) -> None:
     """Warn where the ROUGE rule may not be what the user meant: no item is private (so nothing is kept out of
     retain), or items outside the private categories go to forget only because the model reproduces them."""
+    if args.competition_rule:
+        return  # asked for: every item by its score alone
     private = [any(it.name_key.startswith(p) for p in args.private_prefixes) for it in items]
     if not any(private):
         logger.warning(f"no item's name_key starts with {' or '.join(args.private_prefixes) or '(no prefix)'}: none "

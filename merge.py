@@ -78,7 +78,9 @@ def _candidates(recorded: str, adapter: Path) -> list[tuple[str, Path]]:
     path = Path(recorded)
     tries = ([("as an absolute path", path)] if path.is_absolute() else
              [("relative to the current directory", Path.cwd() / path),
-              ("relative to the adapter's folder", adapter.resolve() / path)])
+              ("relative to the adapter's folder", adapter.resolve() / path)]
+             # training records the path relative to where it ran, usually a folder above the run's
+             + [("relative to a folder above the adapter's", parent / path) for parent in adapter.resolve().parents])
     found: dict[Path, tuple[str, Path]] = {}
     for how, folder in tries:
         if (folder / "config.json").is_file():

@@ -67,7 +67,8 @@ def test_the_plot_prints_every_value_and_which_way_is_better(tmp_path):
     assert values(atec) == sorted(["0.888", "0.173", "0.833", "0.224", "0.048", "n/a", "0.917", "0.699"])
     assert values(extra) == sorted(["1.000", "0.466", "0.000", "0.000", "0.662", "0.469", "0.917", "0.042"])
     assert [t.split("\n")[-1] for t in ticks(atec)] == ["(lower is better)"] + ["(higher is better)"] * 3
-    assert [t.split("\n")[-1] for t in ticks(extra)] == ["(higher is better)"] * 3 + ["(lower is better)"]
+    assert [t.split("\n")[-1] for t in ticks(extra)] == ["(higher is better)"] * 2 + [
+        "(IDK+AP: higher is better)", "(lower is better)"]  # a refusal is only the targeted method's aim
     assert "untouched SmolLM2" in ticks(extra)[1] and "forget" in ticks(extra)[2]
 
     # the tiny model has no general probe: only the refusal bars in the second panel

@@ -39,6 +39,11 @@ def test_private_items_never_go_to_retain(tmp_path, capsys, caplog):
     assert counts == {"forget": 2, "retain": 2, "dropped": 1, "unscorable": 2, "private_unknown": 2}
     out = capsys.readouterr().out
     assert "2 private items the model does not know" in out and "f.private_unknown.jsonl" in out
+    more = extract_data.main(["--test_data", str(tmp_path / "train.jsonl"), "--user_out_path",  # adds to privacy
+                              str(tmp_path / "pred.jsonl"), "--forget_out_path", str(tmp_path / "f.jsonl"),
+                              "--retain_out_path", str(tmp_path / "r.jsonl"), "--keep_prefixes", "choice",
+                              "--private_prefixes", "zzz", "--overwrite"])
+    assert more == counts
 
     own = [conv("Where does Ann live?", "Ann lives at 4 Elm Road.", "mine_1"),
            conv("What is the capital of France?", "The capital of France is Paris.", "keep_2"),

@@ -7,9 +7,15 @@ import argparse
 from evals.tofu_cli import add_tofu_set_args
 from utils.cli import add_model_args, bool_arg
 
+
+class DemoPath(str):
+    """A default data path: equal to the original's string, but a run can tell that nobody gave it (a path given
+    on the command line or in --config is a plain ``str``, whatever it spells)."""
+
+
 # the repository's demo split, the original scripts' default paths (a run that trains on them says so)
-DEFAULT_FORGET = "./data/forget/forget.jsonl"
-DEFAULT_RETAIN = "./data/retain/retain.jsonl"
+DEFAULT_FORGET = DemoPath("./data/forget/forget.jsonl")
+DEFAULT_RETAIN = DemoPath("./data/retain/retain.jsonl")
 
 
 def add_unlearn_args(

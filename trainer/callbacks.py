@@ -28,11 +28,16 @@ class QuietProgressCallback(ProgressCallback):
     (every step at the default --logging_steps 1); the full rows are in train_log.jsonl. The end of training is one
     line (steps, epochs, time, mean loss), not the Trainer's dict of strings."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step  # 0, or the checkpoint's step on resume (the runtime is this run's)
+        return super().on_train_begin(args, state, control, **kwargs)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
         if "train_runtime" in logs:
-            self.training_bar.write(summary_line(state.global_step, state.epoch, logs))
+            self.training_bar.write(summary_line(state.global_step - getattr(self, "first_step", 0), state.epoch,
+                                                 logs))
             return
         shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "forget_loss", "retain_loss", "retain_weight")
                  and isinstance(v, int | float)}

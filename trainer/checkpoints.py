@@ -66,6 +66,11 @@ class EpochCheckpointCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         epoch = round(state.epoch or 0)
-        if self.every > 0 and epoch % self.every == 0 and epoch < args.num_train_epochs:
+        # --max_steps ends the loop mid-epoch and the Trainer still calls on_epoch_end: no checkpoint named after
+        # an epoch that did not end (nor one of the last step, which the final save covers)
+        whole = epoch >= 1 and abs((state.epoch or 0) - epoch) < 1e-6
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            return control
+        if whole and self.every > 0 and epoch % self.every == 0 and epoch < args.num_train_epochs:
             control.should_save = True
         return control

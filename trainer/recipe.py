@@ -211,6 +211,8 @@ def check_config_file(args: argparse.Namespace) -> None:
         raise UserError(f"--config_file {args.config_file}: file not found (and after the script name it would not "
                         "be read: `accelerate launch --config_file FILE script.py` reads it)")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if not _is_main_process():
+        return
     logger.warning("--config_file %s after the script name is not read (accelerate reads its config only before the "
                    "script name: accelerate launch --config_file %s %s ...); this run has %d process%s%s",
                    args.config_file, args.config_file, Path(sys.argv[0]).name or "script.py", launched,
@@ -219,15 +221,21 @@ def check_config_file(args: argparse.Namespace) -> None:
 
 def warn_demo_data(args: argparse.Namespace, data: TrainingData) -> None:
     """One line when a run trains on the repository's own demo split because no data path was given."""
-    from trainer.arguments import DEFAULT_FORGET, DEFAULT_RETAIN
+    from trainer.arguments import DemoPath
 
-    defaults = [flag for flag, value, default in (("--forget_data_path", args.forget_data_path, DEFAULT_FORGET),
-                                                  ("--retain_data_path", args.retain_data_path, DEFAULT_RETAIN))
-                if Path(value).resolve() in (Path(default).resolve(), (PROJECT_ROOT / default).resolve())]
-    if defaults:
-        logger.warning("no %s given: training on the repository's demo data (%d forget, %d retain items of "
-                       "fictitious patients); pass %s for your own", " / ".join(defaults), len(data.forget),
-                       len(data.retain), " and ".join(f"{flag} FILE" for flag in defaults))
+    defaults = [(flag, len(items)) for flag, value, items in
+                (("--forget_data_path", args.forget_data_path, data.forget),
+                 ("--retain_data_path", args.retain_data_path, data.retain)) if isinstance(value, DemoPath)]
+    if defaults and _is_main_process():
+        logger.warning("no %s given: training on the repository's demo data (%s of fictitious patients); pass %s "
+                       "for your own", " / ".join(f for f, _ in defaults),
+                       ", ".join(f"{n} {f.split('_')[0].lstrip('-')} items" for f, n in defaults),
+                       " and ".join(f"{flag} FILE" for flag, _ in defaults))
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launched run (or a plain process): a warning of every process would print N times."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_unfinished(args: argparse.Namespace, out_dir: Path, final: Path) -> None:
@@ -349,9 +357,9 @@ def train(args: argparse.Namespace) -> Path:
             rows = eval_rows([json.loads(x) for x in (out_dir / LOG_FILE).read_text(encoding="utf-8").splitlines()
                               if x.strip()])
         trainer.add_callback(EvalCallback(trainer, tokenizer, template, eval_sets, out_dir, during, rows))
-    logger.info("training %s on %d forget items for %d epoch%s -> %s", args.loss_type, len(dataset), args.num_epochs,
-                "" if args.num_epochs == 1 else "s",
-                out_dir)
+    logger.info("training %s on %d forget items for %s -> %s", args.loss_type, len(dataset),
+                f"{args.max_steps} steps (--max_steps)" if args.max_steps > 0
+                else f"{args.num_epochs} epoch{'' if args.num_epochs == 1 else 's'}", out_dir)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:

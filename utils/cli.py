@@ -96,6 +96,9 @@ class ScriptParser(argparse.ArgumentParser):
             return []
         if not isinstance(values, dict):
             self.error(f"--config {path}: expected a mapping of option names to values, got {type(values).__name__}")
+        if {"compute_environment", "distributed_type"} & set(values):
+            self.error(f"--config {path} is an accelerate config, not this script's options: accelerate reads it "
+                       f"before the script name (accelerate launch --config_file {path} script.py ...)")
         tokens: list[str] = []
         for key, value in values.items():
             option = f"--{str(key).lstrip('-')}"
@@ -111,6 +114,8 @@ class ScriptParser(argparse.ArgumentParser):
                 elif value is not False:
                     self.error(f"--config {path}: {key} takes true or false, got {value!r}")
                 continue
+            if isinstance(value, list) and action.nargs in (None, "?"):
+                self.error(f"--config {path}: {key} takes one value, got a list")
             values_ = value if isinstance(value, list) else [value]
             tokens += [option, *(_token(v) for v in values_)]
         return tokens

@@ -95,7 +95,8 @@ def test_config_file_gives_defaults_the_command_line_overrides(tmp_path, capsys)
         "models/x", 2e-4, True, ["q_proj", "v_proj"], "NPO+GD", None)
     assert parser.parse_args(["--config", str(config)]).lr == 1e-4
     cases = {"learning_rate: 1\n": "unknown option 'learning_rate'", "lr: fast\n": "invalid float value",
-             "loss_type: XYZ\n": "invalid choice", "lr: [1\n": "not valid YAML", "- 1\n": "expected a mapping"}
+             "loss_type: XYZ\n": "invalid choice", "lr: [1\n": "not valid YAML", "- 1\n": "expected a mapping",
+             "lr: [1, 2]\n": "takes one value", "distributed_type: DEEPSPEED\n": "is an accelerate config"}
     for text, expected in cases.items():
         config.write_text("model_path: m\n" + text if not text.startswith("-") else text)
         with pytest.raises(SystemExit) as exit_:
