@@ -304,13 +304,15 @@ class _Batch:
 
 @torch.no_grad()
 def greedy_decode(model, prompts: Sequence[Sequence[int]], limits: Sequence[int], eos_ids: Collection[int],
-                  pad_id: int, batch_size: int, on_finished: Callable[[int], None] | None = None) -> list[list[int]]:
+                  pad_id: int, batch_size: int, on_finished: Callable[[int], None] | None = None,
+                  on_tokens: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy continuations of tokenised prompts, up to ``batch_size`` rows decoded together.
 
     Row ``i`` gets at most ``limits[i]`` (≥ 1) tokens and ends with the first token of ``eos_ids`` (kept, as
     ``generate`` keeps it). Once ``COMPACT_SHARE`` of the rows have finished they leave and the next prompts
     (in the given order; longest first wastes least padding) take their places: continuous batching, so the
-    batch stays full until the prompts run out. ``on_finished(n)`` reports rows as they finish.
+    batch stays full until the prompts run out. ``on_finished(n)`` reports rows as they finish, ``on_tokens(n)``
+    the tokens generated at each step (progress while no row finishes, e.g. an answer that loops).
     """
     if not prompts:
         return []
@@ -330,6 +332,8 @@ def greedy_decode(model, prompts: Sequence[Sequence[int]], limits: Sequence[int]
         count[rows] += 1
         finishing = torch.isin(tokens, eos) | (count[rows] >= limit[rows])
         batch.done[at] = finishing
+        if on_tokens is not None:
+            on_tokens(len(rows))
         if on_finished is not None and (n := int(finishing.sum())):
             on_finished(n)
 

@@ -67,9 +67,13 @@ def release_engines() -> None:
         pass
 
 
-def generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig) -> list[str]:
+def generate_vllm(model_path: str, prompts: list[str],
+                  config: GenerationConfig) -> tuple[list[tuple[str, bool, int]], float]:
     """vLLM with the same sampling settings (:func:`sampling_settings`) and the same prompt token ids
-    (:func:`encode_prompts`) as the transformers backend."""
+    (:func:`encode_prompts`) as the transformers backend: per prompt (text, stopped at the token budget, new
+    tokens), and the seconds generation took (the engine's start-up left out)."""
+    import time
+
     from vllm import SamplingParams
 
     from utils.loading import load_tokenizer
@@ -81,5 +85,6 @@ def generate_vllm(model_path: str, prompts: list[str], config: GenerationConfig)
                             repetition_penalty=settings["repetition_penalty"], max_tokens=config.max_new_tokens,
                             seed=config.seed)
     ids = encode_prompts(load_tokenizer(model_path, trust_remote_code=config.trust_remote_code), prompts)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params)
-    return [o.outputs[0].text for o in outputs]
+    start = time.perf_counter()
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in ids], params)]
+    return [(o.text, o.finish_reason == "length", len(o.token_ids)) for o in outputs], time.perf_counter() - start
