@@ -25,6 +25,7 @@ from trainer.losses import LOSSES, needs_hidden, needs_idk, needs_reference
 from trainer.model_setup import build_model, check_load_in_4bit, load_tokenizer, num_layers
 from trainer.saving import FINAL_DIR, FULL_DIR, save_final
 from utils.chat_template import PROJECT_ROOT, load_chat_template
+from utils.cli import is_main_process
 from utils.errors import UserError
 from utils.files import check_model_folder, write_json, write_jsonl
 
@@ -210,9 +211,9 @@ def check_config_file(args: argparse.Namespace) -> None:
     if not Path(args.config_file).is_file():
         raise UserError(f"--config_file {args.config_file}: file not found (and after the script name it would not "
                         "be read: `accelerate launch --config_file FILE script.py` reads it)")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if not _is_main_process():
+    if not is_main_process():  # a warning of every process would print N times
         return
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     logger.warning("--config_file %s after the script name is not read (accelerate reads its config only before the "
                    "script name: accelerate launch --config_file %s %s ...); this run has %d process%s%s",
                    args.config_file, args.config_file, Path(sys.argv[0]).name or "script.py", launched,
@@ -226,16 +227,11 @@ def warn_demo_data(args: argparse.Namespace, data: TrainingData) -> None:
     defaults = [(flag, len(items)) for flag, value, items in
                 (("--forget_data_path", args.forget_data_path, data.forget),
                  ("--retain_data_path", args.retain_data_path, data.retain)) if isinstance(value, DemoPath)]
-    if defaults and _is_main_process():
+    if defaults and is_main_process():
         logger.warning("no %s given: training on the repository's demo data (%s of fictitious patients); pass %s "
                        "for your own", " / ".join(f for f, _ in defaults),
                        ", ".join(f"{n} {f.split('_')[0].lstrip('-')} items" for f, n in defaults),
                        " and ".join(f"{flag} FILE" for flag, _ in defaults))
-
-
-def _is_main_process() -> bool:
-    """Rank 0 of a launched run (or a plain process): a warning of every process would print N times."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def check_unfinished(args: argparse.Namespace, out_dir: Path, final: Path) -> None:

@@ -154,13 +154,17 @@ class _RawEpilogFormatter(HelpFormatter):
         return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a launched run, or a plain process (launchers set ``RANK``; nothing else needs to be started)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Configure logging once, for scripts. Non-main processes of a distributed run log warnings only."""
-    rank = int(os.environ.get("RANK", "0"))
     root = logging.getLogger()
     if not root.handlers:  # keep handlers someone else installed (a host application, pytest)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    root.setLevel(level if rank == 0 else logging.WARNING)
+    root.setLevel(level if is_main_process() else logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:
