@@ -1,18 +1,29 @@
-"""The method leaderboard on a real model: every unlearning method, one budget, generation + MIA metrics.
+"""The method leaderboard on a real model: every unlearning method tuned with the same trial budget on a
+validation split, then reported on a disjoint test split over several seeds (mean ± 95 % interval).
 
     python fetch_model.py smollm2-135m-instruct        # once
-    python bench/leaderboard.py                         # 28 min on 2 CPU cores; writes bench/leaderboard.{md,png}
-    python bench/leaderboard.py --methods ME+GD NPO+GD --workdir runs/leaderboard   # a subset, models cached
+    python bench/leaderboard.py                         # ~2 h on 2 CPU cores; resumable; bench/leaderboard.{md,png}
+    python bench/leaderboard.py --methods ME+GD NPO+GD  # a subset (the others stay in the results file)
+    python bench/leaderboard.py --trials 0 --epochs 10 --lr 1e-3 --results runs/single.json   # one budget for all
 
-The target is SmolLM2-135M-Instruct fully fine-tuned until it has memorised 12 private facts to forget and
-12 to keep (plus its own answers to 8 everyday questions, so it keeps its voice); 12 more facts of the same
-kind are never trained (the holdout: MIA non-members). A retain-only model is trained the same way
-without the forget facts (the PrivLeak reference). Every method then trains a LoRA adapter on the target
-with the same budget (`--epochs`, `--lr`, bs 4, forget and retain coefficients 1.0, `--mask true`, each
-method's default hyper-parameters; nothing tuned per method) and is scored by `evals/unlearning.py`:
-ROUGE-L F of greedy answers on forget and retain facts against their gold answers, on 20
-general-knowledge questions against the untouched SmolLM2's answers, the LOSS and Min-K%++ MIA AUCs of
-forget vs holdout, PrivLeak (LOSS) against the retain-only model, and the forget refusal rate.
+The target is SmolLM2-135M-Instruct fully fine-tuned until it has memorised 24 private facts to forget (12 for
+tuning: the **validation** split; 12 reported: the **test** split, the ``forget`` set) and 12 to keep (plus its
+own answers to 8 everyday questions, so it keeps its voice); 24 more facts of the same kind are never trained
+(each split's holdout: MIA non-members). A retain-only model is trained the same way on the validation and retain
+facts, never the test ones: the test split's PrivLeak reference and the attacks' control.
+
+Per method (bench/tune.py's search spaces and objective, fixed in advance): ``--trials`` Optuna trials (seeded
+TPE) unlearn the validation split, each scored there by the harmonic mean of forget efficacy, privacy and utility
+with the 20 % utility filter; the best trial's settings then unlearn the test split with ``--seeds`` seeds, each
+scored by ``evals/unlearning.py`` (ROUGE-L F of greedy answers on forget and retain facts against their gold
+answers and on 20 general-knowledge questions against the untouched SmolLM2's answers, the LOSS and Min-K%++ MIA
+AUCs, PrivLeak against the retain-only model, ES, refusals) and by the same objective; the first seed's model is
+attacked (``--attacks``, bench/robustness.py's). ``--trials 0`` skips tuning: every method runs ``--epochs`` at
+``--lr`` with retain weight 1 (the single-budget table).
+
+Resumable across machines: each finished method is written at once to ``--results`` (committed beside the table),
+and a later run skips the methods it holds for the same budget; models, studies and evaluations are cached in
+``--workdir``. A results file of another budget is refused (pass another ``--results``).
 """
 
 from __future__ import annotations
@@ -37,18 +48,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--base", default=str(ROOT / "models" / "smollm2-135m-instruct"), help="the untouched model")
     parser.add_argument("--methods", nargs="+", default=METHODS, help="--loss_type values")
-    parser.add_argument("--epochs", type=int, default=10, help="unlearning epochs (3 steps each)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="unlearning learning rate, every method")
+    parser.add_argument("--trials", type=int, default=3,
+                        help="Optuna trials per method on the validation split, the same for every method "
+                             "(3 fit the ~2 h budget on 2 CPU cores); 0: no tuning, --epochs at --lr for all")
+    parser.add_argument("--seeds", type=int, default=3, help="test-split runs of each method's chosen settings")
+    parser.add_argument("--lr_range", default="1e-4,5e-3", help="tuning: learning rate, log-uniform between these")
+    parser.add_argument("--epochs_range", default="3,10", help="tuning: epochs, an integer between these")
+    parser.add_argument("--seed", type=int, default=0, help="the samplers' seed")
+    parser.add_argument("--epochs", type=int, default=10, help="--trials 0: unlearning epochs (3 steps each)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--trials 0: unlearning learning rate, every method")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "leaderboard"),
-                        help="models, runs and logs (targets are reused when present)")
+                        help="models, studies, runs and evaluations (reused when present)")
+    parser.add_argument("--results", default=str(ROOT / "bench" / "leaderboard_runs.json"),
+                        help="every finished method's numbers (committed: a later run skips what it holds)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "leaderboard.md"), help="the table (the PNG beside it)")
     parser.add_argument("--attacks", default="relearn,quant4,probe",
-                        help="post-attack columns (bench/robustness.py's attacks, its defaults; '' for none)")
+                        help="post-attack columns on the first seed (bench/robustness.py's attacks, its defaults; "
+                             "'' for none)")
     return parser.parse_args(argv)
 
 
+# facts of one kind (privacy_items(60, seed=11)); the first 36 are the single-budget table's forget/retain/holdout
+SPLITS = {"forget": (0, 12), "retain": (12, 24), "holdout": (24, 36), "val": (36, 48), "holdout_val": (48, 60)}
+FIRST_SEED = 1001
+
+
 def build_data(work: Path, base: Path) -> dict:
-    """Forget / retain / holdout facts, general questions with the untouched model's answers, refusals."""
+    """The splits of :data:`SPLITS`, general questions with the untouched model's answers (cached)."""
     from evals.generation import generate_with_model
     from evals.sampling import GenerationConfig
     from utils.chat_template import load_chat_template
@@ -56,8 +82,8 @@ def build_data(work: Path, base: Path) -> dict:
     from utils.loading import load_for_eval
     from zoo.demo_data import GENERAL, REFUSALS, pairs_of, privacy_items
 
-    facts = privacy_items(36, seed=11)
-    sets = {"forget": facts[:12], "retain": facts[12:24], "holdout": facts[24:36]}
+    facts = privacy_items(60, seed=11)
+    sets = {name: facts[lo:hi] for name, (lo, hi) in SPLITS.items()}
     for name, items in sets.items():
         write_jsonl(work / f"{name}.jsonl", items)
     (work / "idk.txt").write_text("\n".join(r for r in REFUSALS if r.isascii()) + "\n", encoding="utf-8")
@@ -74,12 +100,14 @@ def build_data(work: Path, base: Path) -> dict:
 
 
 def build_models(work: Path, base: Path, data: dict) -> tuple[Path, Path]:
-    """The memorised target (forget + retain facts) and the retain-only model, trained the same way."""
+    """The memorised target (both forget splits + retain facts) and the retain-only model (the validation split
+    and the retain facts: never the test split), trained the same way."""
     from zoo.demo_data import REPLAY
     from zoo.target import build_memorised_model
 
     made = []
-    for name, pairs in (("target", data["forget"] + data["retain"]), ("retain_only", data["retain"])):
+    for name, pairs in (("target", data["forget"] + data["retain"] + data["val"]),
+                        ("retain_only", data["retain"] + data["val"])):
         path = work / name
         if not (path / "config.json").is_file():
             build_memorised_model(base, path, list(pairs), FAMILY, epochs=10, lr=5e-4, replay=REPLAY[:8],
@@ -90,8 +118,10 @@ def build_models(work: Path, base: Path, data: dict) -> tuple[Path, Path]:
 
 def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[str], out: Path,
              retain_only: dict | None = None) -> dict:
-    """Evaluate one model on the four sets (cached in ``out/summary.json``)."""
+    """Evaluate one model on the forget, retain, holdout and general sets (cached in ``out/summary.json``); the
+    summary's ``quick`` holds :func:`evals.robustness.metrics_of` its log (the tuning objective's inputs)."""
     from evals.generation import generate_with_model
+    from evals.robustness import metrics_of
     from evals.sampling import GenerationConfig
     from evals.unlearning import adapter_off_reference, evaluate_sets, summarise
     from utils.chat_template import load_chat_template
@@ -107,32 +137,84 @@ def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[
         return generate_with_model(model, tokenizer, prompts, GenerationConfig(max_new_tokens=48, batch_size=16))
 
     reference = adapter_off_reference(model, tokenizer, template) if adapter is not None else None
-    log = evaluate_sets(model, tokenizer, template, data, refusals, generate, reference)
+    sets = {name: data[name] for name in ("forget", "retain", "holdout", "general")}
+    log = evaluate_sets(model, tokenizer, template, sets, refusals, generate, reference)
     summary = summarise(log, retain_only)
+    summary["quick"] = {k: v for k, v in metrics_of(log).items() if v is not None}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "eval_log.json", log)
     write_json(out / "summary.json", summary)
     return summary
 
 
-def unlearn(method: str, target: Path, work: Path, epochs: int, lr: float) -> tuple[Path, float]:
-    from trainer.recipe import main_for
+def budget_of(args: argparse.Namespace) -> dict:
+    """What makes two runs' numbers comparable: a results file holds one budget."""
+    if args.trials == 0:
+        return {"trials": 0, "epochs": args.epochs, "lr": args.lr, "seeds": args.seeds, "attacks": args.attacks}
+    return {"trials": args.trials, "seeds": args.seeds, "lr_range": args.lr_range, "epochs_range": args.epochs_range,
+            "seed": args.seed, "attacks": args.attacks}
 
-    run = work / "runs" / f"lr{lr}_{method}"
-    final = run / "final_lora_model"
-    minutes_file = run / "minutes.txt"
-    if final.is_dir() and minutes_file.is_file():
-        return final, float(minutes_file.read_text())
-    start = time.perf_counter()
-    main_for("me_gd", ["--model_path", str(target), "--model_family", FAMILY, "--loss_type", method,
-                       "--forget_data_path", str(work / "forget.jsonl"),
-                       "--retain_data_path", str(work / "retain.jsonl"),
-                       "--idk_data_path", str(work / "idk.txt"), "--num_epochs", str(epochs), "--bs", "4",
-                       "--lr", str(lr), "--mask", "true", "--forget_coeff", "1.0", "--regularization_coeff", "1.0",
-                       "--save_steps", "0", "--output_dir", str(run), "--overwrite"], "leaderboard")
-    minutes = (time.perf_counter() - start) / 60
-    minutes_file.write_text(f"{minutes:.3f}")
-    return final, minutes
+
+def load_results(path: Path, budget: dict) -> dict:
+    """The results file (``{"budget", "target", "control", "methods"}``), empty when absent; another budget's file
+    is refused."""
+    if not path.is_file():
+        return {"budget": budget, "methods": {}}
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if results.get("budget") != budget:
+        raise SystemExit(f"error: {path} holds the results of another budget ({results.get('budget')}, this run: "
+                         f"{budget}); pass --results NEW_FILE or delete it")
+    return results
+
+
+def save_results(path: Path, results: dict) -> None:
+    from utils.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+
+
+def run_method(world: dict, method: str, args: argparse.Namespace, data: dict, refusals: list[str],
+               control_summary: dict, start: dict) -> dict:
+    """One method's entry: its trials and chosen settings (or the single budget), and its test-split seeds."""
+    from bench import tune
+
+    if args.trials:
+        study = tune.tune(world, method, args, start)
+        settings, best = tune.chosen_settings(study)
+        trials = [dict(t.user_attrs, number=t.number, params=t.params) for t in tune.finished(study)]
+        chosen, val_score = dict(best.user_attrs, number=best.number), best.value
+    else:
+        settings = {"lr": args.lr, "regularization_coeff": 1.0, "num_epochs": args.epochs}
+        trials, chosen, val_score = [], None, None
+    work, seeds = world["work"], []
+    for k in range(args.seeds):
+        seed = FIRST_SEED + k
+        run = work / "runs" / f"{method}_seed{seed}"  # the folder name keys bench/robustness.py's cache
+        final = run / "final_lora_model"
+        stamp = run / "settings.json"
+        if not (final.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == settings):
+            begin = time.perf_counter()
+            tune.unlearn(world, method, settings, "forget", run, seed)
+            (run / "minutes.txt").write_text(f"{(time.perf_counter() - begin) / 60:.3f}")
+            stamp.write_text(json.dumps(settings))  # last: the run is complete
+        minutes = float((run / "minutes.txt").read_text())
+        summary = evaluate(world["target"], final, data, refusals, work / "eval" / f"{method}_seed{seed}",
+                           control_summary)
+        seeds.append({"seed": seed, "row": row(method, summary, minutes),
+                      "parts": tune.objective_score(summary["quick"], start), "minutes": minutes})
+    attacked = None
+    attacks = tuple(a for a in args.attacks.split(",") if a)
+    if attacks:
+        from bench.robustness import attack_runs
+
+        first = work / "runs" / f"{method}_seed{FIRST_SEED}" / "final_lora_model"
+        attacked = attack_runs(work, {method: first}, attacks)["methods"][method]["results"]
+        seeds[0]["row"] = row(method, json.loads((work / "eval" / f"{method}_seed{FIRST_SEED}" / "summary.json")
+                                              .read_text()), seeds[0]["minutes"], attacked)
+    minutes = sum(t["minutes"] for t in trials) + sum(r["minutes"] for r in seeds)
+    return {"settings": settings, "val_score": val_score, "trials": trials, "chosen": chosen, "seeds": seeds,
+            "minutes": minutes}
 
 
 def row(name: str, s: dict, minutes: float | None, attacked: dict | None = None) -> dict:
@@ -148,39 +230,100 @@ def row(name: str, s: dict, minutes: float | None, attacked: dict | None = None)
             "es": sets["forget"]["es"], "minutes": minutes}
 
 
-def table(rows: list[dict], args: argparse.Namespace, threads: int) -> str:
-    def f(x, fmt="{:.3f}"):
-        return "-" if x is None else fmt.format(x)
+COLUMNS = (("forget", "forget ROUGE", "{:.3f}"), ("retain", "retain ROUGE", "{:.3f}"),
+           ("general", "general ROUGE", "{:.3f}"), ("auc_loss", "AUC LOSS", "{:.3f}"),
+           ("auc_mkpp", "AUC Min-K%++", "{:.3f}"), ("priv_leak", "PrivLeak %", "{:+.1f}"), ("es", "ES", "{:.3f}"),
+           ("refusal", "refusals", "{:.2f}"))
+ATTACK_COLUMNS = (("relearn", "relearn", "{:.3f}"), ("quant4", "quant4", "{:.3f}"), ("probe", "probe leak", "{:.2f}"))
 
+
+def cell(values: list, fmt: str) -> str:
+    """One value, or the mean ± the 95 % t half-width of several ('-' when missing)."""
+    from bench.tune import interval
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    mean, half = interval(values)
+    return f"{fmt.format(mean)} ± {fmt.format(half).lstrip('+')}"
+
+
+def ranking(methods: dict) -> list[tuple[str, float, float]]:
+    """(method, mean test score, 95 % half-width), best first."""
+    from bench.tune import interval
+
+    ranked = [(m, *interval([r["parts"]["score"] for r in e["seeds"]])) for m, e in methods.items()]
+    return sorted(ranked, key=lambda x: -x[1])
+
+
+def settings_text(settings: dict) -> str:
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
+
+
+def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str:
+    """The markdown table of a results file: the target and the retain-only model, then the methods by test score."""
+    from bench.tune import overlaps
+
+    budget, methods = results["budget"], results["methods"]
+    seeds = budget["seeds"]
+    if budget["trials"]:
+        how = (f"every method tuned with the same budget, {budget['trials']} Optuna trials (seeded TPE) over its own "
+               f"search space (bench/tune.py: lr log-uniform {budget['lr_range']}, retain weight 0.5-5, epochs "
+               f"{budget['epochs_range']}, the method's own knobs) on the validation split (12 facts), each scored by "
+               "the objective fixed in advance: the harmonic mean of forget efficacy (1 - answer probability), "
+               "privacy (1 - 2 |AUC_LOSS - 0.5|) and utility (retain probability / the target's), 0 below 80 % "
+               "utility; the best trial's settings then unlearn the disjoint test split (12 facts)")
+    else:
+        how = (f"one budget for every method, {budget['epochs']} epochs at lr {budget['lr']}, retain weight 1, "
+               "each method's default hyper-parameters (nothing tuned)")
+    attacks = [c for c in ATTACK_COLUMNS if c[0] in budget["attacks"].split(",")]
+    command = "" if budget["trials"] else f" --trials 0 --epochs {budget['epochs']} --lr {budget['lr']}"
     lines = [
         "# Unlearning methods on a real model (SmolLM2-135M-Instruct)", "",
-        f"Command: `python bench/leaderboard.py --epochs {args.epochs} --lr {args.lr}` ({threads} CPU threads, "
-        f"{time.strftime('%Y-%m-%d')}). Setup and definitions: the script's docstring and docs/evaluation.md "
-        "(\"Did it really forget?\").", "",
-        f"Budget, the same for every method: {args.epochs} epochs over 12 forget facts (bs 4: "
-        f"{args.epochs * 3} steps), lr {args.lr}, LoRA r 16, forget and retain coefficients 1.0, `--mask true`, "
-        "each method's default hyper-parameters. **Coefficients and learning rates were not tuned per method**: "
-        "a method that looks weak here may need another budget (bench/README.md shows RMU at lr 5e-3).", "",
-        "Columns: ROUGE-L F of greedy answers against the gold answers (forget: lower is better; retain: "
-        "higher), general: against the untouched model's answers (higher); AUC: forget vs holdout facts, "
-        "0.5 = indistinguishable from never-seen facts (the goal), 1 = still detectable, < 0.5 = over-unlearned; "
-        "PrivLeak (MUSE's, on the LOSS AUC): ((1 − AUC) − (1 − AUC of the retain-only model)) / (1 − that AUC) "
-        "x 100: 0 ideal, strongly negative = the forget facts are still detectable (under-unlearning; a model that "
-        "knows them scores about −100), positive = over-unlearning; ES: extraction strength on forget facts "
-        "(1/n at best: open-unlearning's definition); refusals: share of forget answers that are refusals. "
-        "After attacks (bench/robustness.py, docs/evaluation.md \"Does the forgetting hold?\"): forget ROUGE after "
-        "relearning on the forget facts (1 epoch, lr 2e-5) and with 4-bit NF4 weights, and the probe leak rate "
-        "(share of forget facts some probe recovers, ROUGE-L recall >= 0.5); the retain-only row is the control: "
-        "what the same attack gives a model that never saw the facts.", "",
-        "| method | forget ROUGE | retain ROUGE | general ROUGE | AUC LOSS | AUC Min-K%++ | PrivLeak % | ES | "
-        "refusals | relearn | quant4 | probe leak | minutes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Command: `python bench/leaderboard.py{command}` ({threads} CPU threads; results in the `--results` file, "
+        f"updated {time.strftime('%Y-%m-%d')}). Setup and definitions: the script's docstring, docs/evaluation.md "
+        "(\"Did it really forget?\") and docs/benchmarks.md.", "",
+        f"Budget: {how}; bs 4, LoRA r 16, forget coefficient 1.0, `--mask true`. Test-split numbers over {seeds} "
+        f"seeds: mean ± 95 % t interval; the attack columns are the first seed's model.", "",
+        "Columns: test score: the objective on the test split; ROUGE-L F of greedy answers against the gold answers "
+        "(forget: lower is better; retain: higher), general: against the untouched model's answers (higher); "
+        "AUC: forget vs holdout facts, 0.5 = indistinguishable from never-seen facts (the goal), 1 = still "
+        "detectable, < 0.5 = over-unlearned; PrivLeak (MUSE's, on the LOSS AUC): ((1 − AUC) − (1 − AUC of the "
+        "retain-only model)) / (1 − that AUC) x 100: 0 ideal, strongly negative = still detectable (a model that "
+        "knows the facts scores about −100), positive = over-unlearning; ES: extraction strength on forget facts "
+        "(1/n at best); refusals: share of forget answers that are refusals. After attacks (bench/robustness.py): "
+        "forget ROUGE after relearning on the forget facts (1 epoch, lr 2e-5) and with 4-bit NF4 weights, and the "
+        "probe leak rate (share of forget facts some probe recovers, ROUGE-L recall >= 0.5); the retain-only row "
+        "is the control. minutes: one training run (mean over the seeds) / the method's whole budget (trials, "
+        "seeds, their evaluations excluded).", "",
+        "| method | chosen settings | val score | test score | " + " | ".join(c[1] for c in COLUMNS + tuple(attacks))
+        + " | minutes |",
+        "| " + " | ".join(["---"] * (5 + len(COLUMNS) + len(attacks))) + " |",
     ]
-    for r in rows:
-        lines.append(f"| {r['method']} | {f(r['forget'])} | {f(r['retain'])} | {f(r['general'])} | "
-                     f"{f(r['auc_loss'])} | {f(r['auc_mkpp'])} | {f(r['priv_leak'], '{:+.1f}')} | {f(r['es'])} | "
-                     f"{f(r['refusal'], '{:.2f}')} | {f(r['relearn'])} | {f(r['quant4'])} | "
-                     f"{f(r['probe'], '{:.2f}')} | {f(r['minutes'], '{:.1f}')} |")
+    for name in ("target", "control"):
+        r = results.get(name)
+        if r:
+            label = "(target, before)" if name == "target" else "(retain-only model)"
+            lines.append(f"| {label} | - | - | - | " + " | ".join(cell([r.get(k)], f) for k, _, f in COLUMNS
+                                                                + tuple(attacks)) + " | - |")
+    ranked = ranking(methods)
+    for method, _, _ in ranked:
+        e = methods[method]
+        rows = [s["row"] for s in e["seeds"]]
+        val = "-" if e["val_score"] is None else f"{e['val_score']:.3f}"
+        test = cell([s["parts"]["score"] for s in e["seeds"]], "{:.3f}")
+        lines.append(f"| {method} | {settings_text(e['settings'])} | {val} | {test} | "
+                     + " | ".join(cell([r.get(k) for r in rows], f) for k, _, f in COLUMNS)
+                     + "".join(f" | {cell([rows[0].get(k)], f)}" for k, _, f in attacks)
+                     + f" | {sum(s['minutes'] for s in e['seeds']) / len(rows):.1f} / {e['minutes']:.0f} |")
+    close = overlaps(ranked)
+    missing = [m for m in METHODS if m not in methods]
+    lines += ["", "Within noise (neighbours by test score whose 95 % intervals overlap): " + (", ".join(close) or
+                                                                                           "none")]
+    if missing:
+        lines += ["", f"Not yet run (`python bench/leaderboard.py` resumes): {', '.join(missing)}."]
     lines += [
         "",
         "Reading it: the retain-only model is the target to aim for, not a forget ROUGE of 0: the facts share "
@@ -188,72 +331,95 @@ def table(rows: list[dict], args: argparse.Namespace, threads: int) -> str:
         "never saw them scores well above 0. A forget ROUGE far below it with retain and general ROUGE down "
         "too is damage, not forgetting; an AUC far below 0.5 (positive PrivLeak) means the forget facts now "
         "look *less* familiar than never-seen ones, itself a tell. Refusal methods (IDK+AP, DPO) lower "
-        "ROUGE by refusing while the likelihoods (AUC, ES) can still show the facts. minutes: training only "
-        "(evaluation is the same for all).",
+        "ROUGE by refusing while the likelihoods (AUC, ES) can still show the facts.",
         "",
-        "![forget efficacy against utility](leaderboard.png)",
+        f"![forget efficacy against utility, every trial]({png_name})",
     ]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def plot(results: dict, path: Path) -> None:
+    """The Pareto plot: every trial's forget efficacy against utility (validation split), the chosen one ringed;
+    with ``--trials 0`` each method's test seeds instead."""
+    from bench import tune
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for r in rows:
-        utility = (r["retain"] + r["general"]) / 2
-        marker = "s" if r["method"].startswith("(") else "o"
-        ax.scatter(utility, 1 - r["forget"], marker=marker)
-        ax.annotate(r["method"], (utility, 1 - r["forget"]), textcoords="offset points", xytext=(4, 3), fontsize=8)
-    ax.set_xlabel("utility: mean ROUGE-L of retain facts and general answers (higher is better)")
-    ax.set_ylabel("forget efficacy: 1 - ROUGE-L of forget answers (higher is better)")
-    ax.set_title("Unlearning methods on SmolLM2-135M-Instruct, one budget")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    methods = {}
+    for method, e in results["methods"].items():
+        points = e["trials"] or [s["parts"] for s in e["seeds"]]
+        methods[method] = {"trials": points, "chosen": e["chosen"] or e["seeds"][0]["parts"]}
+    tune.plot(methods, path)
 
 
 def main(argv: list[str] | None = None) -> str:
     import torch
 
+    from bench import tune
     from utils.cli import setup_logging
+    from utils.fingerprint import model_fingerprint
     from zoo.demo_data import REFUSALS
     from zoo.wheel_models import is_complete
 
     args = parse_args(argv)
     setup_logging()
+    unknown = [m for m in args.methods if m not in tune.SPACES]
+    if unknown:
+        raise SystemExit(f"error: --methods: no search space for {', '.join(unknown)}; known: {', '.join(tune.SPACES)}")
     base = Path(args.base)
     if not is_complete(base):
         raise SystemExit(f"error: {base} is not installed; run `python fetch_model.py smollm2-135m-instruct`")
+    results_path = Path(args.results)
+    results = load_results(results_path, budget_of(args))
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = build_data(work, base)
     target, retain_only = build_models(work, base, data)
+    fingerprint = model_fingerprint(target)
+    if results.get("fingerprint") not in (None, fingerprint) and results["methods"]:
+        print(f"warning: the target in {work} differs from the one {results_path}'s methods "
+              f"({', '.join(results['methods'])}) were measured on (rebuilt on another machine?); their numbers "
+              "are kept, the new methods' come from this target", file=sys.stderr, flush=True)
+    results["fingerprint"] = fingerprint
     refusals = [r for r in REFUSALS if r.isascii()]
-    retain_summary = evaluate(retain_only, None, data, refusals, work / "eval" / "retain_only")
-    trained = {method: unlearn(method, target, work, args.epochs, args.lr) for method in args.methods}
+    control_summary = evaluate(retain_only, None, data, refusals, work / "eval" / "retain_only")
+    target_summary = evaluate(target, None, data, refusals, work / "eval" / "target", control_summary)
+    world = {"work": work, "target": target, "family": FAMILY, "pairs": data,
+             "layers": int(json.loads((target / "config.json").read_text())["num_hidden_layers"])}
+    start = tune.start_metrics(world)
     attacks = tuple(a for a in args.attacks.split(",") if a)
-    runs = {"control": None, "methods": {}}
+    control_attacked = None
     if attacks:
         from bench.robustness import attack_runs
 
-        runs = attack_runs(work, {method: final for method, (final, _) in trained.items()}, attacks)
-    rows = [row("(target, before)", evaluate(target, None, data, refusals, work / "eval" / "target", retain_summary),
-                None),
-            row("(retain-only model)", retain_summary, None, runs["control"])]
-    for method, (final, minutes) in trained.items():
-        summary = evaluate(target, final, data, refusals, work / "eval" / f"lr{args.lr}_{method}", retain_summary)
-        rows.append(row(method, summary, minutes, runs["methods"].get(method, {}).get("results")))
-    text = table(rows, args, threads)
-    out = Path(args.out)
-    out.write_text(text, encoding="utf-8")
-    plot(rows, out.with_suffix(".png"))
+        control_attacked = attack_runs(work, {}, attacks)["control"]
+    results["target"] = row("(target, before)", target_summary, None)
+    results["control"] = row("(retain-only model)", control_summary, None, control_attacked)
+    for method in args.methods:
+        if method in results["methods"]:
+            print(f"{method}: in {results_path} already", flush=True)
+            continue
+        entry = run_method(world, method, args, data, refusals, control_summary, start)
+        results["methods"][method] = entry
+        save_results(results_path, results)
+        write_table(results, threads, Path(args.out))  # after every method: a killed run leaves a table
+        score = cell([s["parts"]["score"] for s in entry["seeds"]], "{:.3f}")
+        print(f"{method}: settings {settings_text(entry['settings'])}, test score {score}", flush=True)
+    save_results(results_path, results)
+    text = write_table(results, threads, Path(args.out))
     print(text)
+    return text
+
+
+def write_table(results: dict, threads: int, out: Path) -> str:
+    """The table (atomically) and, once a method has finished, the plot beside it."""
+    from utils.files import atomic_path
+
+    text = table(results, threads, out.with_suffix(".png").name)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    if results["methods"]:
+        plot(results, out.with_suffix(".png"))
     return text
 
 

@@ -3,10 +3,10 @@
     python bench/leaderboard.py --methods ME+GD IDK+AP NPO+GD RMU      # once: target, control, adapters
     python bench/robustness.py                                         # writes bench/robustness.md
 
-Each method's adapter (`runs/leaderboard/runs/lr0.001_<method>`) is merged into the leaderboard's target and
-attacked as `evaluate_robustness.py` does; the retain-only model (never saw the forget facts) is the control,
-attacked once; the target before unlearning is the original. Results are cached per model in
-`--workdir/robustness/` (delete a folder to redo it).
+Each method's first-seed adapter of the leaderboard (`runs/leaderboard/runs/<method>_seed1001`) is merged into
+the leaderboard's target and attacked as `evaluate_robustness.py` does; the retain-only model (never saw the
+forget facts) is the control, attacked once; the target before unlearning is the original. Results are cached
+per model in `--workdir/robustness/` (delete a folder to redo it).
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ READING = (
     "not 0. The probe leak rate counts ROUGE-L recall >= 0.5, which the control reaches on every item for the same "
     "reason: compare the worst-case recall in the verdicts with the control's. An rtt recovery below 0 means the "
     "held-out facts stay below the control's level. Quantisation brings knowledge back only when unlearning's "
-    "updates stay inside the 4-bit buckets (Zhang et al.: lr ~1e-5); these adapters were trained at lr 1e-3.")
+    "updates stay inside the 4-bit buckets (Zhang et al.: lr ~1e-5); bench/leaderboard.md gives each adapter's "
+    "learning rate.")
 FAMILY = "smollm2"
+FIRST_SEED = 1001  # bench/leaderboard.py's first test-split seed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,7 +115,11 @@ def main(argv: list[str] | None = None) -> str:
     threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     torch.set_num_threads(threads)
     attacks = tuple(a for a in args.attacks.split(",") if a)
-    adapters = {m: work / "runs" / f"lr0.001_{m}" / "final_lora_model" for m in args.methods}
+    adapters = {m: work / "runs" / f"{m}_seed{FIRST_SEED}" / "final_lora_model" for m in args.methods}
+    missing = [m for m, a in adapters.items() if not a.is_dir()]
+    if missing:
+        raise SystemExit(f"error: no leaderboard adapter for {', '.join(missing)} in {work / 'runs'}; run "
+                         f"python bench/leaderboard.py --methods {' '.join(missing)} first")
     runs = attack_runs(work, adapters, attacks, args.relearn_lr, args.relearn_steps, args.relearn_epochs,
                        args.max_new_tokens)
     control_res, original = runs["control"], runs["original"]
@@ -126,8 +132,9 @@ def main(argv: list[str] | None = None) -> str:
     lines = ["# Does the forgetting hold? Robustness attacks on SmolLM2-135M-Instruct", "",
              f"Command: `python bench/robustness.py --relearn_lr {args.relearn_lr} --relearn_steps "
              f"{args.relearn_steps} --relearn_epochs {args.relearn_epochs}` ({threads} CPU threads, "
-             f"{time.strftime('%Y-%m-%d')}). The leaderboard's target, adapters (one budget, not tuned) and "
-             "retain-only control; protocols: docs/evaluation.md, \"Does the forgetting hold?\".", "",
+             f"{time.strftime('%Y-%m-%d')}). The leaderboard's target, its first-seed adapters (each method's "
+             "chosen settings: bench/leaderboard.md) and retain-only control; protocols: docs/evaluation.md, "
+             "\"Does the forgetting hold?\".", "",
              f"Each cell: {what} of the model after the attack, the control's after the same attack in brackets, "
              "then R (relearning) or Q (quantisation); probe: the leak rate (any probe's ROUGE-L recall >= 0.5), "
              "the control's in brackets. Before any attack: the original (target) scores "

@@ -1,0 +1,72 @@
+"""bench/leaderboard.py's bookkeeping, without a model: the results file of one budget (another is refused), the
+table's means and intervals against hand values, the ranking by test score and the methods still to run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import leaderboard
+
+
+def seed_row(forget: float, score: float, minutes: float = 1.0, **extra) -> dict:
+    row = {"method": "m", "forget": forget, "retain": 0.9, "general": 0.4, "auc_loss": 0.5, "auc_mkpp": 0.5,
+           "priv_leak": 2.0, "es": 0.1, "refusal": 0.0, "relearn": None, "quant4": None, "probe": None,
+           "minutes": minutes, **extra}
+    return {"seed": 0, "row": row, "parts": {"score": score, "efficacy": 0.9, "utility": 0.95}, "minutes": minutes}
+
+
+def budget(**kw) -> dict:
+    args = leaderboard.parse_args([f"--{k}={v}" for k, v in kw.items()])
+    return leaderboard.budget_of(args)
+
+
+def test_a_results_file_holds_one_budget(tmp_path):
+    path = tmp_path / "runs.json"
+    assert leaderboard.load_results(path, budget()) == {"budget": budget(), "methods": {}}
+    leaderboard.save_results(path, {"budget": budget(), "methods": {"ME+GD": {"x": 1}}})
+    assert leaderboard.load_results(path, budget())["methods"] == {"ME+GD": {"x": 1}}
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file, none left
+    with pytest.raises(SystemExit, match="another budget.*--results"):
+        leaderboard.load_results(path, budget(trials=5))
+    # the single budget is keyed by its epochs and lr, not the tuning ranges
+    assert budget(trials=0, lr=1e-3) != budget(trials=0, lr=2e-3)
+    assert "lr_range" not in budget(trials=0) and budget()["trials"] == 3
+
+
+def test_the_table_ranks_by_test_score_with_t_intervals(tmp_path):
+    methods = {
+        "ME+GD": {"settings": {"lr": 0.000554, "num_epochs": 10}, "val_score": 0.9, "trials": [], "chosen": None,
+                  "minutes": 20.0,
+                  "seeds": [seed_row(0.30, 0.6, relearn=0.5), seed_row(0.40, 0.7), seed_row(0.50, 0.8)]},
+        "NPO+GD": {"settings": {"lr": 0.004, "num_epochs": 9}, "val_score": 0.95, "trials": [], "chosen": None,
+                   "minutes": 12.0, "seeds": [seed_row(0.2, 0.90), seed_row(0.2, 0.92), seed_row(0.2, 0.94)]},
+    }
+    results = {"budget": budget(), "methods": methods, "target": seed_row(0.9, 0)["row"],
+               "control": seed_row(0.7, 0, relearn=0.71)["row"]}
+    text = leaderboard.table(results, threads=2)
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    assert lines[0].startswith("| method | chosen settings | val score | test score | forget ROUGE")
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| (target, before)", "| (retain-only model)",
+                                                           "| NPO+GD", "| ME+GD"]  # best test score first
+    me = lines[-1].split(" | ")
+    # forget ROUGE 0.3, 0.4, 0.5: mean 0.4, sd 0.1, t(0.975, 2) = 4.3027 -> half-width 0.248
+    assert me[4] == "0.400 ± 0.248"
+    assert me[3] == "0.700 ± 0.248" and me[2] == "0.900"
+    assert me[1] == "lr 0.000554, num_epochs 10"
+    assert me[12] == "0.500"  # relearn: the first seed's model only
+    assert me[-1] == "1.0 / 20 |"
+    assert lines[3].split(" | ")[4] == "0.200 ± 0.000"
+    assert "Within noise (neighbours by test score whose 95 % intervals overlap): NPO+GD / ME+GD" in text
+    assert "Not yet run (`python bench/leaderboard.py` resumes): IDK+AP, GA+GD" in text
+    assert "3 Optuna trials" in text and "over 3 seeds" in text
+
+
+def test_the_default_command_runs_every_method_tune_can_search():
+    from bench import tune
+
+    args = leaderboard.parse_args([])
+    assert set(args.methods) == set(tune.SPACES) and args.trials == 3 and args.seeds == 3
+    assert args.results.endswith("bench/leaderboard_runs.json")
+    assert json.loads(json.dumps(leaderboard.budget_of(args))) == leaderboard.budget_of(args)  # storable
