@@ -187,7 +187,7 @@ def run_method(world: dict, method: str, args: argparse.Namespace, data: dict, r
     else:
         settings = {"lr": args.lr, "regularization_coeff": 1.0, "num_epochs": args.epochs}
         trials, chosen, val_score = [], None, None
-    work, seeds = world["work"], []
+    work, seeds, summaries = world["work"], [], []
     for k in range(args.seeds):
         seed = FIRST_SEED + k
         run = work / "runs" / f"{method}_seed{seed}"  # the folder name keys bench/robustness.py's cache
@@ -201,6 +201,7 @@ def run_method(world: dict, method: str, args: argparse.Namespace, data: dict, r
         minutes = float((run / "minutes.txt").read_text())
         summary = evaluate(world["target"], final, data, refusals, work / "eval" / f"{method}_seed{seed}",
                            control_summary)
+        summaries.append(summary)
         seeds.append({"seed": seed, "row": row(method, summary, minutes),
                       "parts": tune.objective_score(summary["quick"], start), "minutes": minutes})
     attacked = None
@@ -210,8 +211,7 @@ def run_method(world: dict, method: str, args: argparse.Namespace, data: dict, r
 
         first = work / "runs" / f"{method}_seed{FIRST_SEED}" / "final_lora_model"
         attacked = attack_runs(work, {method: first}, attacks)["methods"][method]["results"]
-        seeds[0]["row"] = row(method, json.loads((work / "eval" / f"{method}_seed{FIRST_SEED}" / "summary.json")
-                                              .read_text()), seeds[0]["minutes"], attacked)
+        seeds[0]["row"] = row(method, summaries[0], seeds[0]["minutes"], attacked)
     minutes = sum(t["minutes"] for t in trials) + sum(r["minutes"] for r in seeds)
     return {"settings": settings, "val_score": val_score, "trials": trials, "chosen": chosen, "seeds": seeds,
             "minutes": minutes}
@@ -258,13 +258,9 @@ def ranking(methods: dict) -> list[tuple[str, float, float]]:
     return sorted(ranked, key=lambda x: -x[1])
 
 
-def settings_text(settings: dict) -> str:
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
-
-
 def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str:
     """The markdown table of a results file: the target and the retain-only model, then the methods by test score."""
-    from bench.tune import overlaps
+    from bench import tune
 
     budget, methods = results["budget"], results["methods"]
     seeds = budget["seeds"]
@@ -314,11 +310,11 @@ def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str
         rows = [s["row"] for s in e["seeds"]]
         val = "-" if e["val_score"] is None else f"{e['val_score']:.3f}"
         test = cell([s["parts"]["score"] for s in e["seeds"]], "{:.3f}")
-        lines.append(f"| {method} | {settings_text(e['settings'])} | {val} | {test} | "
+        lines.append(f"| {method} | {tune.settings_text(e['settings'])} | {val} | {test} | "
                      + " | ".join(cell([r.get(k) for r in rows], f) for k, _, f in COLUMNS)
                      + "".join(f" | {cell([rows[0].get(k)], f)}" for k, _, f in attacks)
                      + f" | {sum(s['minutes'] for s in e['seeds']) / len(rows):.1f} / {e['minutes']:.0f} |")
-    close = overlaps(ranked)
+    close = tune.overlaps(ranked)
     missing = [m for m in METHODS if m not in methods]
     lines += ["", "Within noise (neighbours by test score whose 95 % intervals overlap): " + (", ".join(close) or
                                                                                            "none")]
@@ -404,7 +400,7 @@ def main(argv: list[str] | None = None) -> str:
         save_results(results_path, results)
         write_table(results, threads, Path(args.out))  # after every method: a killed run leaves a table
         score = cell([s["parts"]["score"] for s in entry["seeds"]], "{:.3f}")
-        print(f"{method}: settings {settings_text(entry['settings'])}, test score {score}", flush=True)
+        print(f"{method}: settings {tune.settings_text(entry['settings'])}, test score {score}", flush=True)
     save_results(results_path, results)
     text = write_table(results, threads, Path(args.out))
     print(text)

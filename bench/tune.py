@@ -270,6 +270,11 @@ def overlaps(ranked: Sequence[tuple[str, float, float]]) -> list[str]:
     return out
 
 
+def settings_text(settings: Mapping) -> str:
+    """``lr 0.000554, num_epochs 10``: a run's settings for a table cell."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in settings.items())
+
+
 def table(results: Mapping[str, Mapping], args: argparse.Namespace) -> str:
     def ci(values: Sequence[float]) -> str:
         mean, half = interval(values)
@@ -288,8 +293,7 @@ def table(results: Mapping[str, Mapping], args: argparse.Namespace) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, _, _ in ranked:
         res = results[method]
-        settings = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in res["settings"].items())
+        settings = settings_text(res["settings"])
         runs = res["test"]
 
         def col(key: str, runs=runs) -> str:
