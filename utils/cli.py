@@ -18,9 +18,12 @@ from utils.errors import UserError
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a script's ``main``: a :class:`UserError` becomes one clear line and exit code 2; Ctrl-C one line
-    (the exception's message, e.g. how to resume, when it carries one) and exit code 130, never a traceback."""
+    (the exception's message, e.g. how to resume, when it carries one) and exit code 130, never a traceback.
+    A process of a multi-process launch that has finished ends without the interpreter's teardown (below)."""
     try:
         main(argv)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _exit_finished()
     except UserError as err:
         # under accelerate launch / torchrun every process meets the same mistake: one line per machine
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -35,6 +38,20 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         except ImportError:
             print(message, file=sys.stderr)  # noqa: T201
         sys.exit(130)
+
+
+def _exit_finished() -> None:
+    """Exit 0 at once, streams flushed. In the interpreter's teardown the C++ threads that gloo and DeepSpeed leave
+    behind can still abort a process whose outputs are all written ("terminate called without an active
+    exception", SIGABRT): the launcher then kills the other ranks and the whole run fails (seen in CI on ZeRO-3
+    after the final save, with the process group already destroyed). Nothing is left to clean up by then."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it anyway
+            pass
+    os._exit(0)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -159,12 +176,27 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Warnings other libraries print on every start that ask nothing of the user. bitsandbytes, imported by peft on
+# any CPU with AVX512-BF16, looks for an optional 4-bit kernel on the Hugging Face hub (a package we do not install
+# and a hub we cannot reach) and falls back to its own; the sentence would lead every script's output.
+_NOISE = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community"}
+
+
+def _drop_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE.get(record.name, "\0"))
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    """Configure logging once, for scripts. Non-main processes of a distributed run log warnings only."""
+    """Configure logging once, for scripts. Non-main processes of a distributed run log warnings only; the known
+    start-up warnings of other libraries that need no action (``_NOISE``) are dropped, their other messages kept."""
     root = logging.getLogger()
     if not root.handlers:  # keep handlers someone else installed (a host application, pytest)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     root.setLevel(level if is_main_process() else logging.WARNING)
+    for name in _NOISE:
+        noisy = logging.getLogger(name)
+        if _drop_noise not in noisy.filters:
+            noisy.addFilter(_drop_noise)
 
 
 def seed_everything(seed: int) -> None:
