@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -109,11 +110,37 @@ def build_models(work: Path, base: Path, data: dict) -> tuple[Path, Path]:
     for name, pairs in (("target", data["forget"] + data["retain"] + data["val"]),
                         ("retain_only", data["retain"] + data["val"])):
         path = work / name
-        if not (path / "config.json").is_file():
+        recipe = {"base": str(base), "pairs": [list(p) for p in pairs], "epochs": 10, "lr": 5e-4, "replay": 8}
+        if not reusable(path, recipe):
+            shutil.rmtree(path, ignore_errors=True)
             build_memorised_model(base, path, list(pairs), FAMILY, epochs=10, lr=5e-4, replay=REPLAY[:8],
                                   replay_tokens=24)
+            (path / RECIPE).write_text(json.dumps(recipe), encoding="utf-8")  # last: the model is complete
         made.append(path)
     return made[0], made[1]
+
+
+RECIPE = "leaderboard_recipe.json"
+
+
+def reusable(path: Path, recipe: dict) -> bool:
+    """Whether the model in ``path`` was trained by ``recipe`` (the facts, base and schedule). A folder without the
+    stamp (made before models were stamped) is taken as it is and stamped; one stamped otherwise is rebuilt."""
+    if not (path / "config.json").is_file():
+        return False
+    stamp = path / RECIPE
+    if not stamp.is_file():
+        stamp.write_text(json.dumps(recipe), encoding="utf-8")
+        return True
+    return json.loads(stamp.read_text(encoding="utf-8")) == recipe
+
+
+def drop_stale(work: Path, run_name: str) -> None:
+    """Forget what was measured on an earlier ``run_name`` before it is trained again with other settings: its
+    evaluation and its attack results (cached by the run's name alone)."""
+    shutil.rmtree(work / "eval" / run_name, ignore_errors=True)
+    for cached in (work / "robustness").glob(f"*/{run_name}_*.json"):
+        cached.unlink()
 
 
 def evaluate(model_path: Path, adapter: Path | None, data: dict, refusals: list[str], out: Path,
@@ -194,6 +221,7 @@ def run_method(world: dict, method: str, args: argparse.Namespace, data: dict, r
         final = run / "final_lora_model"
         stamp = run / "settings.json"
         if not (final.is_dir() and stamp.is_file() and json.loads(stamp.read_text()) == settings):
+            drop_stale(work, run.name)
             begin = time.perf_counter()
             tune.unlearn(world, method, settings, "forget", run, seed)
             (run / "minutes.txt").write_text(f"{(time.perf_counter() - begin) / 60:.3f}")

@@ -184,7 +184,8 @@ def tune(world: Mapping, method: str, args: argparse.Namespace, start: Mapping) 
     lr_range = tuple(float(x) for x in args.lr_range.split(","))
     epochs_range = tuple(int(x) for x in args.epochs_range.split(","))
     storage = f"sqlite:///{world['work'] / 'studies.db'}"
-    probe = optuna.create_study(study_name=method, storage=storage, direction="maximize", load_if_exists=True)
+    probe = open_study(storage, method, {"lr_range": list(lr_range), "epochs_range": list(epochs_range),
+                                         "seed": args.seed})
     done = [t for t in probe.trials if t.state == optuna.trial.TrialState.COMPLETE]
     # seeded by how many trials exist: a resumed study does not replay the proposals it already made
     sampler = optuna.samplers.TPESampler(seed=args.seed + len(probe.trials), n_startup_trials=3)
@@ -211,6 +212,21 @@ def tune(world: Mapping, method: str, args: argparse.Namespace, start: Mapping) 
         done = finished(study)
     if len(done) < args.trials:
         raise SystemExit(f"{method}: only {len(done)} of {args.trials} trials finished (see {storage})")
+    return study
+
+
+def open_study(storage: str, method: str, search: Mapping) -> object:
+    """The method's study in ``storage``, created or resumed; ``search`` (the ranges and the sampler's seed) is
+    stamped on it, and a study made for another search is refused: its trials would be mixed into this one's."""
+    import optuna
+
+    study = optuna.create_study(study_name=method, storage=storage, direction="maximize", load_if_exists=True)
+    stamped = study.user_attrs.get("search")
+    if stamped is None:  # new, or made before studies were stamped (its trials are taken as this search's)
+        study.set_user_attr("search", dict(search))
+    elif stamped != dict(search):
+        raise SystemExit(f"error: {storage} holds a {method} study of another search ({stamped}, this run: "
+                         f"{dict(search)}); pass another --workdir or delete the file")
     return study
 
 

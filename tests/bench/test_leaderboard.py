@@ -70,3 +70,21 @@ def test_the_default_command_runs_every_method_tune_can_search():
     assert set(args.methods) == set(tune.SPACES) and args.trials == 3 and args.seeds == 3
     assert args.results.endswith("bench/leaderboard_runs.json")
     assert json.loads(json.dumps(leaderboard.budget_of(args))) == leaderboard.budget_of(args)  # storable
+
+
+def test_a_model_is_reused_only_for_its_recipe_and_a_retrained_run_loses_its_cached_numbers(tmp_path):
+    recipe = {"base": "b", "pairs": [["q", "a"]], "epochs": 10, "lr": 5e-4, "replay": 8}
+    model = tmp_path / "target"
+    assert not leaderboard.reusable(model, recipe)  # nothing there
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert leaderboard.reusable(model, recipe)  # an old unstamped folder is adopted ...
+    assert json.loads((model / leaderboard.RECIPE).read_text()) == recipe  # ... and stamped
+    assert not leaderboard.reusable(model, {**recipe, "pairs": [["q", "b"]]})  # other facts: rebuilt
+    for path in ("eval/RMU_seed1001/summary.json", "robustness/lr2e-05_s0/RMU_seed1001_relearn.json",
+                 "robustness/lr2e-05_s0/RMU_seed10011_relearn.json", "eval/RMU_seed1002/summary.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("{}")
+    leaderboard.drop_stale(tmp_path, "RMU_seed1001")
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json") if "target" not in p.parts)
+    assert left == ["eval/RMU_seed1002/summary.json", "robustness/lr2e-05_s0/RMU_seed10011_relearn.json"]

@@ -72,3 +72,20 @@ def test_the_default_command_has_a_space_for_every_method_it_names():
     args = tune.parse_args([])
     assert args.model == "smollm2" and args.trials >= 1 and args.seeds == 3
     assert set(args.methods) <= set(tune.SPACES) and set(tune.SPACES) <= set(LOSSES)
+
+
+def test_a_study_of_another_search_is_refused_not_mixed(tmp_path):
+    """A study is stamped with its ranges and seed: the same search resumes it, another one is refused (its trials
+    would have joined the new search's and picked its best); an unstamped study (made before stamps) is adopted."""
+    import optuna
+
+    from bench import tune
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    search = {"lr_range": [1e-4, 5e-3], "epochs_range": [3, 10], "seed": 0}
+    tune.open_study(storage, "ME+GD", search).enqueue_trial({"lr": 1e-3})
+    assert len(tune.open_study(storage, "ME+GD", search).trials) == 1  # resumed: the same study
+    with pytest.raises(SystemExit, match="another search.*--workdir"):
+        tune.open_study(storage, "ME+GD", {**search, "lr_range": [1e-5, 1e-3]})
+    optuna.create_study(study_name="RMU", storage=storage)
+    assert tune.open_study(storage, "RMU", search).user_attrs["search"] == search
