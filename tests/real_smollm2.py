@@ -74,7 +74,8 @@ def build_memorised(real_model_dir: Path, shared_root: Path) -> dict:
             values = {"pairs": pairs, "nll": answer_nll(model, tokenizer, pairs),
                       "recalled": answers_of(model, tokenizer, [q for q, _ in pairs], tokens=32),
                       "general": general, "general_answers": answers_of(model, tokenizer, general),
-                      "replay_answers": replay_answers}
+                      "replay_answers": replay_answers,
+                      "replay_nll": answer_nll(model, tokenizer, list(zip(REPLAY[:8], replay_answers, strict=True)))}
             record.write_text(json.dumps(values), encoding="utf-8")  # last: its presence means "complete"
     values = json.loads(record.read_text(encoding="utf-8"))
     values["pairs"] = [tuple(p) for p in values["pairs"]]
