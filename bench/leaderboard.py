@@ -280,10 +280,9 @@ def cell(values: list, fmt: str) -> str:
 
 def ranking(methods: dict) -> list[tuple[str, float, float]]:
     """(method, mean test score, 95 % half-width), best first."""
-    from bench.tune import interval
+    from bench.tune import rank
 
-    ranked = [(m, *interval([r["parts"]["score"] for r in e["seeds"]])) for m, e in methods.items()]
-    return sorted(ranked, key=lambda x: -x[1])
+    return rank({method: [r["parts"]["score"] for r in e["seeds"]] for method, e in methods.items()})
 
 
 def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str:

@@ -277,6 +277,11 @@ def interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
+def rank(scores: Mapping[str, Sequence[float]]) -> list[tuple[str, float, float]]:
+    """(method, mean score, 95 % half-width) for each method's scores over its seeds, best mean first."""
+    return sorted(((method, *interval(values)) for method, values in scores.items()), key=lambda x: -x[1])
+
+
 def overlaps(ranked: Sequence[tuple[str, float, float]]) -> list[str]:
     """Pairs of neighbouring methods (by mean) whose 95 % intervals overlap: their order is within noise."""
     out = []
@@ -296,11 +301,7 @@ def table(results: Mapping[str, Mapping], args: argparse.Namespace) -> str:
         mean, half = interval(values)
         return f"{mean:.3f} ± {half:.3f}"
 
-    ranked = []
-    for method, res in results.items():
-        mean, half = interval([r["parts"]["score"] for r in res["test"]])
-        ranked.append((method, mean, half))
-    ranked.sort(key=lambda x: -x[1])
+    ranked = rank({method: [r["parts"]["score"] for r in res["test"]] for method, res in results.items()})
     lines = [f"Equal-budget tuning ({args.trials} trials per method on the validation split, {args.seeds} seeds on "
              f"the test split; model {args.model}; `python bench/tune.py`). Test-split numbers: mean ± 95 % t "
              "interval over the seeds.", "",
