@@ -41,10 +41,14 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 
 
 def _exit_finished() -> None:
-    """Exit 0 at once, streams flushed. In the interpreter's teardown the C++ threads that gloo and DeepSpeed leave
-    behind can still abort a process whose outputs are all written ("terminate called without an active
-    exception", SIGABRT): the launcher then kills the other ranks and the whole run fails (seen in CI on ZeRO-3
-    after the final save, with the process group already destroyed). Nothing is left to clean up by then."""
+    """Exit 0 as a normal exit does, less the interpreter's finalization: in it the C++ threads that gloo and
+    DeepSpeed leave behind can still abort a process whose outputs are all written ("terminate called without an
+    active exception", SIGABRT), and the launcher then kills the other ranks and fails the run (seen in CI on
+    ZeRO-3 after the final save, with the process group already destroyed). The atexit handlers still run first:
+    trackers (wandb, swanlab) close their runs in them."""
+    import atexit
+
+    atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
