@@ -107,14 +107,19 @@ def build_models(work: Path, base: Path, data: dict) -> tuple[Path, Path]:
     from zoo.target import build_memorised_model
 
     made = []
+    schedule = {"epochs": 10, "lr": 5e-4, "replay_tokens": 24}
     for name, pairs in (("target", data["forget"] + data["retain"] + data["val"]),
                         ("retain_only", data["retain"] + data["val"])):
         path = work / name
-        recipe = {"base": str(base), "pairs": [list(p) for p in pairs], "epochs": 10, "lr": 5e-4, "replay": 8}
+        recipe = {"base": str(base), "family": FAMILY, "pairs": [list(p) for p in pairs],
+                  "replay": REPLAY[:8], **schedule}
         if not reusable(path, recipe):
+            # everything measured on the old models goes with them
+            for derived in ("eval", "robustness", "runs", "trials"):
+                shutil.rmtree(work / derived, ignore_errors=True)
+            (work / "studies.db").unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
-            build_memorised_model(base, path, list(pairs), FAMILY, epochs=10, lr=5e-4, replay=REPLAY[:8],
-                                  replay_tokens=24)
+            build_memorised_model(base, path, list(pairs), FAMILY, replay=REPLAY[:8], **schedule)
             (path / RECIPE).write_text(json.dumps(recipe), encoding="utf-8")  # last: the model is complete
         made.append(path)
     return made[0], made[1]

@@ -4,6 +4,7 @@ table's means and intervals against hand values, the ranking by test score and t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,31 @@ def test_a_model_is_reused_only_for_its_recipe_and_a_retrained_run_loses_its_cac
     leaderboard.drop_stale(tmp_path, "RMU_seed1001")
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.json") if "target" not in p.parts)
     assert left == ["eval/RMU_seed1002/summary.json", "robustness/lr2e-05_s0/RMU_seed10011_relearn.json"]
+
+
+def test_a_rebuilt_target_takes_what_was_measured_on_the_old_one_with_it(tmp_path, monkeypatch):
+    """build_models trains only what its recipe does not match; a rebuild clears the evaluations, attacks, runs,
+    trials and studies made on the old models (the training itself is replaced by a stand-in that writes a
+    config: the bookkeeping is under test here, not the memorising)."""
+    import zoo.target
+
+    built = []
+
+    def stand_in(base, out, pairs, family, **kw):
+        built.append(Path(out).name)
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(zoo.target, "build_memorised_model", stand_in)
+    data = {"forget": [("q1", "a1")], "retain": [("q2", "a2")], "val": [("q3", "a3")]}
+    leaderboard.build_models(tmp_path, Path("base"), data)
+    assert built == ["target", "retain_only"]
+    for derived in ("eval/x/summary.json", "runs/m_seed1001/settings.json", "studies.db"):
+        (tmp_path / derived).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / derived).write_text("{}")
+    leaderboard.build_models(tmp_path, Path("base"), data)
+    assert built == ["target", "retain_only"] and (tmp_path / "studies.db").is_file()  # reused, kept
+    leaderboard.build_models(tmp_path, Path("base"), {**data, "val": [("q3", "changed")]})
+    assert built[2:] == ["target", "retain_only"]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "studies.db").exists()
