@@ -350,6 +350,13 @@ def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str
     missing = [m for m in METHODS if m not in methods]
     lines += ["", "Within noise (neighbours by test score whose 95 % intervals overlap): " + (", ".join(close) or
                                                                                            "none")]
+    other = other_builds(results)
+    if other:
+        lines += ["", "Measured on another build of the target (the same recipe trained on another machine, whose "
+                      "arithmetic differs in the last bits; a results file resumed on a new machine mixes builds): "
+                  + "; ".join(f"{', '.join(names)} (that build's own row: forget ROUGE {r['forget']:.3f}, retain "
+                              f"{r['retain']:.3f}, general {r['general']:.3f}, ES {r['es']:.3f})"
+                              for names, r in other) + "."]
     if missing:
         lines += ["", f"Not yet run (`python bench/leaderboard.py` resumes): {', '.join(missing)}."]
     lines += [
@@ -360,10 +367,25 @@ def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str
         "too is damage, not forgetting; an AUC far below 0.5 (positive PrivLeak) means the forget facts now "
         "look *less* familiar than never-seen ones, itself a tell. Refusal methods (IDK+AP, DPO) lower "
         "ROUGE by refusing while the likelihoods (AUC, ES) can still show the facts.",
-        "",
-        f"![forget efficacy against utility, every trial]({png_name})",
     ]
+    if budget["trials"]:
+        lines += ["", "Before tuning every method had one budget (10 epochs, lr 1e-3, retain weight 1): "
+                      "[leaderboard_single_budget.md](leaderboard_single_budget.md)."]
+    lines += ["", f"![forget efficacy against utility, every trial]({png_name})"]
     return "\n".join(lines) + "\n"
+
+
+def other_builds(results: dict) -> list[tuple[list[str], dict]]:
+    """The methods measured on a build of the target other than the results file's current one, grouped by build,
+    each with that build's own target row (methods without a record are taken as the current build's)."""
+    current = results.get("fingerprint")
+    groups: dict[str, tuple[list[str], dict]] = {}
+    for method, e in results["methods"].items():
+        build = e.get("target")
+        if build and current and build["fingerprint"] != current:
+            key = json.dumps(build["fingerprint"], sort_keys=True)
+            groups.setdefault(key, ([], build["row"]))[0].append(method)
+    return list(groups.values())
 
 
 def plot(results: dict, path: Path) -> None:
@@ -428,6 +450,8 @@ def main(argv: list[str] | None = None) -> str:
             print(f"{method}: in {results_path} already", flush=True)
             continue
         entry = run_method(world, method, args, data, refusals, control_summary, start)
+        # which build of the target it was measured on: a build on another machine differs in the last bits
+        entry["target"] = {"fingerprint": fingerprint, "row": results["target"]}
         results["methods"][method] = entry
         save_results(results_path, results)
         write_table(results, threads, Path(args.out))  # after every method: a killed run leaves a table

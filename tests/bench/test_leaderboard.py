@@ -117,3 +117,23 @@ def test_a_rebuilt_target_takes_what_was_measured_on_the_old_one_with_it(tmp_pat
     assert built[2:] == ["target", "retain_only"]
     assert not (tmp_path / "eval").exists() and not (tmp_path / "runs").exists()
     assert not (tmp_path / "studies.db").exists()
+
+
+def test_methods_measured_on_another_build_of_the_target_are_named_with_its_row():
+    """A results file resumed on another machine holds methods measured on two builds of the target: the table
+    names those of the other build with that build's own target row; records without a build are the current's."""
+    old_row = {"forget": 1.0, "retain": 0.992, "general": 0.437, "es": 1.0}
+    entry = {"settings": {"lr": 1e-3}, "val_score": 0.5, "trials": [], "chosen": None, "minutes": 3.0,
+             "seeds": [seed_row(0.6, 0.5), seed_row(0.62, 0.55)]}
+    results = {"budget": budget(), "fingerprint": {"sha": "new"}, "target": None, "control": None,
+               "methods": {"ME+GD": {**entry, "target": {"fingerprint": {"sha": "old"}, "row": old_row}},
+                           "GA+GD": {**entry, "target": {"fingerprint": {"sha": "old"}, "row": old_row}},
+                           "NPO+GD": {**entry, "target": {"fingerprint": {"sha": "new"}, "row": {}}},
+                           "RMU": entry}}
+    assert leaderboard.other_builds(results) == [(["ME+GD", "GA+GD"], old_row)]
+    text = leaderboard.table(results, 2)
+    assert "another build of the target" in text
+    assert "ME+GD, GA+GD (that build's own row: forget ROUGE 1.000, retain 0.992, general 0.437, ES 1.000)" in text
+    results["methods"]["ME+GD"]["target"]["fingerprint"] = {"sha": "new"}
+    results["methods"]["GA+GD"].pop("target")
+    assert leaderboard.other_builds(results) == [] and "another build" not in leaderboard.table(results, 2)
