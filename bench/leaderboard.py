@@ -2,7 +2,7 @@
 validation split, then reported on a disjoint test split over several seeds (mean ± 95 % interval).
 
     python fetch_model.py smollm2-135m-instruct        # once
-    python bench/leaderboard.py                         # ~2 h on 2 CPU cores; resumable; bench/leaderboard.{md,png}
+    python bench/leaderboard.py                         # 2-5 h on 2 CPU cores (10-27 min a method); resumable
     python bench/leaderboard.py --methods ME+GD NPO+GD  # a subset (the others stay in the results file)
     python bench/leaderboard.py --trials 0 --epochs 10 --lr 1e-3 --results runs/single.json   # one budget for all
 
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=METHODS, help="--loss_type values")
     parser.add_argument("--trials", type=int, default=3,
                         help="Optuna trials per method on the validation split, the same for every method "
-                             "(3 fit the ~2 h budget on 2 CPU cores); 0: no tuning, --epochs at --lr for all")
+                             "(at 3, 10-27 min a method on 2 CPU cores, mostly evaluation and attacks; up to 3 "
+                             "they are seeded TPE's random start-up trials); 0: no tuning, --epochs at --lr for all")
     parser.add_argument("--seeds", type=int, default=3, help="test-split runs of each method's chosen settings")
     parser.add_argument("--lr_range", default="1e-4,5e-3", help="tuning: learning rate, log-uniform between these")
     parser.add_argument("--epochs_range", default="3,10", help="tuning: epochs, an integer between these")
@@ -302,7 +303,10 @@ def table(results: dict, threads: int, png_name: str = "leaderboard.png") -> str
                f"{budget['epochs_range']}, the method's own knobs) on the validation split (12 facts), each scored by "
                "the objective fixed in advance: the harmonic mean of forget efficacy (1 - answer probability), "
                "privacy (1 - 2 |AUC_LOSS - 0.5|) and utility (retain probability / the target's), 0 below 80 % "
-               "utility; the best trial's settings then unlearn the disjoint test split (12 facts)")
+               "utility; the best trial's settings then unlearn the disjoint test split (12 facts)"
+               + ("; with 3 trials or fewer every trial is one of seeded TPE's random start-up points (an equal "
+                  "random search: the first candidate is the same for every method, and methods with the same "
+                  "search space got the same three)" if budget["trials"] <= 3 else ""))
     else:
         how = (f"one budget for every method, {budget['epochs']} epochs at lr {budget['lr']}, retain weight 1, "
                "each method's default hyper-parameters (nothing tuned)")
